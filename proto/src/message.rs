@@ -1,0 +1,431 @@
+//! Message types of both families: client ⇄ supervisor and supervisor ⇄ worker.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::PROTOCOL_VERSION;
+
+/// First frame in both directions on every connection. Its layout is frozen so
+/// that any two versions can tell each other apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// Free-form sender description (program and version), for logs.
+    pub software: String,
+}
+
+impl Hello {
+    /// A hello for this build, naming the sending program.
+    pub fn new(program: &str) -> Self {
+        Self {
+            protocol_version: PROTOCOL_VERSION,
+            software: format!("{program} {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// Client → supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Embed `texts` as one batch.
+    Embed {
+        /// Client-chosen id, echoed in the answer.
+        id: u64,
+        /// The texts; one vector comes back per text, in order.
+        texts: Vec<String>,
+        /// Answer within this many milliseconds of arrival, or get
+        /// [`RequestError::Timeout`]. `None` uses the daemon's default.
+        deadline_ms: Option<u64>,
+    },
+    /// Report the pool's state.
+    Status {
+        /// Client-chosen id, echoed in the answer.
+        id: u64,
+    },
+}
+
+/// Supervisor → client: exactly one per [`ClientMessage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// Answer to a successful [`ClientMessage::Embed`].
+    Embeddings {
+        /// The request's id.
+        id: u64,
+        /// The result.
+        result: EmbedResult,
+    },
+    /// Answer to [`ClientMessage::Status`].
+    Status {
+        /// The request's id.
+        id: u64,
+        /// Pool snapshot.
+        status: PoolStatus,
+    },
+    /// The request with this id failed.
+    Error {
+        /// The request's id.
+        id: u64,
+        /// Why.
+        error: RequestError,
+    },
+}
+
+impl ServerMessage {
+    /// The id of the request this message answers.
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Embeddings { id, .. } | Self::Status { id, .. } | Self::Error { id, .. } => *id,
+        }
+    }
+}
+
+/// Embeddings for one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbedResult {
+    /// Model name as the worker reports it.
+    pub model: String,
+    /// Vector length.
+    pub dims: u32,
+    /// One vector per input text, in input order.
+    pub embeddings: Vec<Vec<f32>>,
+    /// Per text: was it cut at the model's maximum sequence length?
+    pub truncated: Vec<bool>,
+    /// Per text: tokens fed to the model (after truncation).
+    pub token_counts: Vec<u32>,
+}
+
+/// Typed failure of one request. Every variant is final for that request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RequestError {
+    /// The request itself is invalid; retrying it unchanged will fail again.
+    #[error("bad request: {reason}")]
+    BadRequest {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The request queue is full; retry later.
+    #[error("overloaded: the request queue is full ({capacity} waiting); retry later")]
+    Overloaded {
+        /// Queue capacity.
+        capacity: u32,
+    },
+    /// The request was not answered within its deadline.
+    #[error("timed out after {elapsed_ms} ms")]
+    Timeout {
+        /// Time since the supervisor accepted it.
+        elapsed_ms: u64,
+    },
+    /// The request was in flight when workers died repeatedly; it is treated
+    /// as a poison input and not retried again.
+    #[error("worker lost: {deaths} workers died while running this request; it was quarantined")]
+    WorkerLost {
+        /// Worker deaths this request was in flight for.
+        deaths: u32,
+    },
+    /// The daemon is shutting down and accepts no new work.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// The pool cannot run requests right now (e.g. workers fail to load).
+    #[error("unavailable: {reason}")]
+    Unavailable {
+        /// Why, in words an operator can act on.
+        reason: String,
+    },
+    /// A bug or an unexpected condition in the daemon.
+    #[error("internal error: {message}")]
+    Internal {
+        /// Description.
+        message: String,
+    },
+}
+
+impl RequestError {
+    /// Short stable name, used for counters and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BadRequest { .. } => "bad_request",
+            Self::Overloaded { .. } => "overloaded",
+            Self::Timeout { .. } => "timeout",
+            Self::WorkerLost { .. } => "worker_lost",
+            Self::ShuttingDown => "shutting_down",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Internal { .. } => "internal",
+        }
+    }
+}
+
+/// Size limits on one embed request, enforced by the supervisor before
+/// queueing and again by the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestLimits {
+    /// Most texts in one request.
+    pub max_texts: usize,
+    /// Most bytes (UTF-8) in one text.
+    pub max_text_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_texts: 64,
+            max_text_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl RequestLimits {
+    /// Checks `texts` against the limits; `Err` carries a
+    /// [`RequestError::BadRequest`] that says which limit and which text.
+    pub fn check(&self, texts: &[String]) -> Result<(), RequestError> {
+        let bad = |reason: String| Err(RequestError::BadRequest { reason });
+        if texts.is_empty() {
+            return bad("the request has no texts".into());
+        }
+        if texts.len() > self.max_texts {
+            return bad(format!(
+                "{} texts in one request; the limit is {}",
+                texts.len(),
+                self.max_texts
+            ));
+        }
+        if let Some((index, text)) = texts
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.len() > self.max_text_bytes)
+        {
+            return bad(format!(
+                "text {index} is {} bytes; the limit is {} bytes",
+                text.len(),
+                self.max_text_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Snapshot of the pool, for `inferctl status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// Supervisor pid.
+    pub pid: u32,
+    /// Seconds since the supervisor started.
+    pub uptime_secs: u64,
+    /// Model path the workers load.
+    pub model: PathBuf,
+    /// Target number of workers.
+    pub target_workers: u32,
+    /// One entry per live worker process.
+    pub workers: Vec<WorkerStatus>,
+    /// Requests waiting for a worker.
+    pub queue_depth: u32,
+    /// Queue capacity.
+    pub queue_capacity: u32,
+    /// Why the pool cannot serve, if it cannot (e.g. workers fail to load).
+    pub unavailable_reason: Option<String>,
+    /// Cumulative counters.
+    pub counters: Counters,
+}
+
+/// One worker in [`PoolStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Supervisor-assigned id, never reused.
+    pub id: u64,
+    /// Process id.
+    pub pid: u32,
+    /// Lifecycle state name (starting, ready, busy, stopping, exiting).
+    pub state: String,
+    /// Resident set size in bytes, if procfs could be read.
+    pub rss_bytes: Option<u64>,
+    /// Requests this worker answered.
+    pub requests_served: u64,
+    /// Seconds since spawn.
+    pub age_secs: f64,
+}
+
+/// Cumulative pool counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Requests accepted into the queue.
+    pub requests_accepted: u64,
+    /// Requests answered with embeddings.
+    pub requests_ok: u64,
+    /// Failed requests by [`RequestError::kind`].
+    pub requests_failed: BTreeMap<String, u64>,
+    /// In-flight requests re-dispatched after their worker died.
+    pub retries: u64,
+    /// Requests quarantined as poison (answered worker-lost).
+    pub poison_rejections: u64,
+    /// Workers spawned.
+    pub workers_spawned: u64,
+    /// Worker exits by classified end kind.
+    pub worker_exits: BTreeMap<String, u64>,
+}
+
+/// Test-and-demo behaviours of a worker. All off by default; never enable in
+/// production.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChaosOptions {
+    /// Abort the worker process (SIGABRT) when a request contains a text
+    /// equal to this marker.
+    pub crash_marker: Option<String>,
+}
+
+/// Everything a worker needs to load its model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    /// Supervisor-assigned worker id (for logs).
+    pub worker_id: u64,
+    /// ONNX model file.
+    pub model_path: PathBuf,
+    /// tokenizer.json file.
+    pub tokenizer_path: PathBuf,
+    /// Longer inputs are truncated to this many tokens.
+    pub max_seq_len: usize,
+    /// L2-normalise each embedding.
+    pub normalize: bool,
+    /// Request size limits, checked again in the worker.
+    pub limits: RequestLimits,
+    /// Test-only behaviours.
+    pub chaos: ChaosOptions,
+}
+
+/// Supervisor → worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerCommand {
+    /// Load the model with this configuration and report readiness. Sent once,
+    /// after the supervisor has placed the worker (e.g. into its cgroup).
+    Start(WorkerConfig),
+    /// Embed one batch.
+    Embed {
+        /// Supervisor-internal request id, echoed back.
+        request_id: u64,
+        /// The texts.
+        texts: Vec<String>,
+    },
+    /// Finish and exit 0.
+    Shutdown,
+}
+
+/// Worker → supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerEvent {
+    /// The model is loaded; the worker takes requests.
+    Ready {
+        /// Model name.
+        model: String,
+        /// Embedding dimension.
+        dims: u32,
+        /// Load time in milliseconds.
+        load_ms: u64,
+    },
+    /// The model could not be loaded; the worker exits after sending this.
+    LoadFailed {
+        /// Why, with the failing path.
+        reason: String,
+    },
+    /// Answer to [`WorkerCommand::Embed`].
+    Embedded {
+        /// The request id.
+        request_id: u64,
+        /// The result.
+        result: EmbedResult,
+    },
+    /// The worker refused or failed one request; it keeps running.
+    Rejected {
+        /// The request id.
+        request_id: u64,
+        /// Why (bad request or internal).
+        error: RequestError,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode_payload, encode_frame};
+
+    fn round_trip<T>(msg: T)
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize,
+            frame.len() - 4
+        );
+        assert_eq!(decode_payload::<T>(&frame[4..]).unwrap(), msg);
+    }
+
+    #[test]
+    fn every_message_family_round_trips() {
+        round_trip(Hello::new("test"));
+        round_trip(ClientMessage::Status { id: u64::MAX });
+        round_trip(ServerMessage::Error {
+            id: 3,
+            error: RequestError::WorkerLost { deaths: 2 },
+        });
+        round_trip(ServerMessage::Embeddings {
+            id: 4,
+            result: EmbedResult {
+                model: "m".into(),
+                dims: 2,
+                embeddings: vec![vec![0.5, -0.25]],
+                truncated: vec![true],
+                token_counts: vec![256],
+            },
+        });
+        round_trip(WorkerCommand::Start(WorkerConfig {
+            worker_id: 1,
+            model_path: "/m.onnx".into(),
+            tokenizer_path: "/t.json".into(),
+            max_seq_len: 256,
+            normalize: true,
+            limits: RequestLimits::default(),
+            chaos: ChaosOptions {
+                crash_marker: Some("boom".into()),
+            },
+        }));
+        round_trip(WorkerEvent::Rejected {
+            request_id: 9,
+            error: RequestError::BadRequest { reason: "x".into() },
+        });
+        round_trip(PoolStatus {
+            pid: 1,
+            uptime_secs: 2,
+            model: "/m".into(),
+            target_workers: 2,
+            workers: vec![WorkerStatus {
+                id: 1,
+                pid: 2,
+                state: "ready".into(),
+                rss_bytes: Some(1 << 20),
+                requests_served: 3,
+                age_secs: 1.5,
+            }],
+            queue_depth: 0,
+            queue_capacity: 10,
+            unavailable_reason: None,
+            counters: Counters::default(),
+        });
+    }
+
+    #[test]
+    fn limits_name_the_offending_text() {
+        let limits = RequestLimits {
+            max_texts: 2,
+            max_text_bytes: 4,
+        };
+        assert!(limits.check(&["ok".into()]).is_ok());
+        let reason = |texts: &[String]| match limits.check(texts) {
+            Err(RequestError::BadRequest { reason }) => reason,
+            other => panic!("expected bad request, got {other:?}"),
+        };
+        assert!(reason(&[]).contains("no texts"));
+        assert!(reason(&["a".into(), "b".into(), "c".into()]).contains("3 texts"));
+        assert!(reason(&["ok".into(), "toolong".into()]).contains("text 1 is 7 bytes"));
+    }
+}
