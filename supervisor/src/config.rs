@@ -1,0 +1,359 @@
+//! Daemon configuration: a TOML file (`--config`) with command-line flags on
+//! top. Every key has a default except `model`; unknown keys are errors so a
+//! typo never silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use inferd_proto::{ChaosOptions, RequestLimits, DEFAULT_MAX_FRAME_BYTES};
+use serde::Deserialize;
+
+/// Command-line flags of `inferd`. Flags override the config file.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(
+    name = "inferd",
+    version,
+    about = "Supervisor daemon serving sentence embeddings through a pool of worker processes"
+)]
+pub struct Args {
+    /// TOML configuration file (see systemd/inferd.toml for every key).
+    #[arg(long, short = 'c', env = "INFERD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Unix socket clients connect to [default: /run/inferd/inferd.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Number of worker processes [default: 2].
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// ONNX model file the workers load (required here or in the file).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// tokenizer.json [default: tokenizer.json beside the model].
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Worker executable [default: inferd-worker beside this executable].
+    #[arg(long)]
+    pub worker_binary: Option<PathBuf>,
+    /// Most requests waiting for a worker; more are answered "overloaded".
+    #[arg(long)]
+    pub queue_capacity: Option<usize>,
+    /// A worker running one request longer than this is killed (ms).
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
+}
+
+/// The resolved configuration. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Client socket path.
+    pub socket: PathBuf,
+    /// Client socket permission bits, as an octal string ("0660").
+    pub socket_mode: String,
+    /// Target number of worker processes.
+    pub workers: u32,
+    /// ONNX model file.
+    pub model: PathBuf,
+    /// tokenizer.json; empty means `tokenizer.json` beside the model.
+    pub tokenizer: PathBuf,
+    /// Worker executable; empty means `inferd-worker` beside `inferd`.
+    pub worker_binary: PathBuf,
+    /// Inputs are truncated to this many tokens.
+    pub max_seq_len: usize,
+    /// L2-normalise embeddings.
+    pub normalize: bool,
+    /// Most queued requests.
+    pub queue_capacity: usize,
+    /// Largest accepted frame payload, in bytes.
+    pub max_frame_bytes: usize,
+    /// Most texts in one request.
+    pub max_texts: usize,
+    /// Most bytes in one text.
+    pub max_text_bytes: usize,
+    /// Per-execution limit on a worker: it is SIGKILLed past this (ms).
+    pub request_timeout_ms: u64,
+    /// Deadline for requests that carry none (ms).
+    pub default_deadline_ms: u64,
+    /// Model load limit: a worker not Ready by then is SIGKILLed (ms).
+    pub startup_timeout_ms: u64,
+    /// On SIGTERM, how long queued and in-flight requests may take (ms).
+    pub drain_timeout_ms: u64,
+    /// Test-only worker behaviours; never enable in production.
+    pub chaos: ChaosOptions,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/inferd/inferd.sock"),
+            socket_mode: "0660".into(),
+            workers: 2,
+            model: PathBuf::new(),
+            tokenizer: PathBuf::new(),
+            worker_binary: PathBuf::new(),
+            max_seq_len: 256,
+            normalize: true,
+            queue_capacity: 256,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_texts: RequestLimits::default().max_texts,
+            max_text_bytes: RequestLimits::default().max_text_bytes,
+            request_timeout_ms: 30_000,
+            default_deadline_ms: 60_000,
+            startup_timeout_ms: 60_000,
+            drain_timeout_ms: 30_000,
+            chaos: ChaosOptions::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// What the parser says (line, column, key).
+        source: toml::de::Error,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid {
+        /// The TOML key (or flag) at fault.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The executable's own path is needed for a default and is unknown.
+    #[error("cannot locate the inferd executable to find inferd-worker beside it; set worker_binary")]
+    LocateExecutable(#[source] std::io::Error),
+}
+
+impl Config {
+    /// Reads the file named by `args` (if any), applies the flags, fills the
+    /// derived defaults and validates the result.
+    pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Config::default(),
+        };
+        config.apply_flags(args);
+        config.resolve_defaults()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses one TOML file (no flags, no validation).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    fn apply_flags(&mut self, args: &Args) {
+        let Args {
+            config: _,
+            socket,
+            workers,
+            model,
+            tokenizer,
+            worker_binary,
+            queue_capacity,
+            request_timeout_ms,
+        } = args.clone();
+        if let Some(v) = socket {
+            self.socket = v;
+        }
+        if let Some(v) = workers {
+            self.workers = v;
+        }
+        if let Some(v) = model {
+            self.model = v;
+        }
+        if let Some(v) = tokenizer {
+            self.tokenizer = v;
+        }
+        if let Some(v) = worker_binary {
+            self.worker_binary = v;
+        }
+        if let Some(v) = queue_capacity {
+            self.queue_capacity = v;
+        }
+        if let Some(v) = request_timeout_ms {
+            self.request_timeout_ms = v;
+        }
+    }
+
+    fn resolve_defaults(&mut self) -> Result<(), ConfigError> {
+        if self.tokenizer.as_os_str().is_empty() {
+            self.tokenizer = self.model.with_file_name("tokenizer.json");
+        }
+        if self.worker_binary.as_os_str().is_empty() {
+            let exe = std::env::current_exe().map_err(ConfigError::LocateExecutable)?;
+            self.worker_binary = exe.with_file_name("inferd-worker");
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.model.as_os_str().is_empty() {
+            return invalid("model", "no model file given (set `model` or pass --model)");
+        }
+        if self.socket.as_os_str().is_empty() {
+            return invalid("socket", "empty path");
+        }
+        self.socket_mode_bits()?;
+        if !(1..=256).contains(&self.workers) {
+            return invalid("workers", "must be between 1 and 256");
+        }
+        if self.queue_capacity == 0 {
+            return invalid("queue_capacity", "must be at least 1");
+        }
+        if !(1..=8192).contains(&self.max_seq_len) {
+            return invalid("max_seq_len", "must be between 1 and 8192");
+        }
+        if self.max_frame_bytes < 4096 || self.max_frame_bytes > u32::MAX as usize {
+            return invalid("max_frame_bytes", "must be between 4096 and 4294967295");
+        }
+        if self.max_texts == 0 || self.max_text_bytes == 0 {
+            return invalid("max_texts", "max_texts and max_text_bytes must be at least 1");
+        }
+        for (key, ms) in [
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("default_deadline_ms", self.default_deadline_ms),
+            ("startup_timeout_ms", self.startup_timeout_ms),
+            ("drain_timeout_ms", self.drain_timeout_ms),
+        ] {
+            if ms == 0 {
+                return invalid(key, "must be greater than 0");
+            }
+        }
+        Ok(())
+    }
+
+    /// Socket permission bits parsed from `socket_mode`.
+    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
+        let digits = self.socket_mode.trim_start_matches("0o");
+        match u32::from_str_radix(digits, 8) {
+            Ok(mode) if mode <= 0o777 => Ok(mode),
+            _ => Err(ConfigError::Invalid {
+                key: "socket_mode",
+                reason: format!("{:?} is not an octal mode like \"0660\"", self.socket_mode),
+            }),
+        }
+    }
+
+    /// Request size limits.
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_texts: self.max_texts,
+            max_text_bytes: self.max_text_bytes,
+        }
+    }
+
+    /// See [`Config::request_timeout_ms`].
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// See [`Config::default_deadline_ms`].
+    pub fn default_deadline(&self) -> Duration {
+        Duration::from_millis(self.default_deadline_ms)
+    }
+
+    /// See [`Config::startup_timeout_ms`].
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_millis(self.startup_timeout_ms)
+    }
+
+    /// See [`Config::drain_timeout_ms`].
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(text: &str, args: Args) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inferd.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&Args {
+            config: Some(path),
+            ..args
+        })
+    }
+
+    #[test]
+    fn file_values_and_flag_overrides() {
+        let config = load_toml(
+            "model = \"/m/model.onnx\"\nworkers = 3\nsocket = \"/tmp/a.sock\"\n",
+            Args {
+                workers: Some(5),
+                ..Args::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.workers, 5, "flag wins over file");
+        assert_eq!(config.socket, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(config.tokenizer, PathBuf::from("/m/tokenizer.json"));
+        assert_eq!(config.worker_binary.file_name().unwrap(), "inferd-worker");
+        assert_eq!(config.socket_mode_bits().unwrap(), 0o660);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = load_toml("model = \"/m\"\nworkerz = 3\n", Args::default()).unwrap_err();
+        assert!(err.to_string().contains("workerz"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        for (text, key) in [
+            ("model = \"/m\"\nworkers = 0\n", "workers"),
+            ("model = \"/m\"\nsocket_mode = \"rw\"\n", "socket_mode"),
+            ("model = \"/m\"\nqueue_capacity = 0\n", "queue_capacity"),
+            ("model = \"/m\"\nrequest_timeout_ms = 0\n", "request_timeout_ms"),
+            ("workers = 1\n", "model"),
+        ] {
+            match load_toml(text, Args::default()) {
+                Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key, "{text}"),
+                other => panic!("{text}: expected invalid {key}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error() {
+        let err = Config::load(&Args {
+            config: Some("/nonexistent/inferd.toml".into()),
+            ..Args::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::ReadFile { .. }));
+    }
+}

@@ -1,0 +1,336 @@
+//! Worker processes at the OS level: fork+exec with an inherited socket,
+//! non-blocking reaping, and the one classification of how a worker ended.
+//!
+//! The supervisor spawns workers with `std::process::Command` and drops the
+//! `Child` handle, so nothing but [`try_reap`] ever calls waitpid on them (no
+//! tokio process reaper runs alongside). `try_reap` waits on one known pid
+//! at a time rather than `waitpid(-1)`, so it never steals another child's
+//! status.
+
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// The fd number the worker finds its supervisor socket on.
+pub const WORKER_FD: i32 = 3;
+
+/// Environment variables a worker must not inherit: they address the
+/// supervisor's own systemd notification and socket-activation channels.
+const SUPERVISOR_ONLY_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// Failure to start or signal a worker process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// socketpair(2) failed.
+    #[error("cannot create the worker socketpair")]
+    SocketPair(#[source] io::Error),
+    /// fork or exec of the worker binary failed.
+    #[error("cannot start worker binary {binary}")]
+    Exec {
+        /// The executable.
+        binary: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Making our socket end non-blocking failed.
+    #[error("cannot set up the worker socket")]
+    SocketSetup(#[source] io::Error),
+}
+
+/// A freshly started worker: its pid and our end of its socket.
+#[derive(Debug)]
+pub struct SpawnedWorker {
+    /// The worker's pid.
+    pub pid: Pid,
+    /// Our end of the socketpair, non-blocking, ready for tokio.
+    pub stream: UnixStream,
+}
+
+/// Starts `binary --fd 3` with one end of a new socketpair as fd 3. The child
+/// dies with this thread (`PR_SET_PDEATHSIG`; the supervisor runs a
+/// current-thread runtime so "this thread" is the whole daemon), leads its
+/// own process group (a terminal's Ctrl-C reaches only the supervisor, which
+/// then drains), and does not inherit systemd's variables.
+pub fn spawn_worker(binary: &Path) -> Result<SpawnedWorker, ProcessError> {
+    let (ours, theirs) = UnixStream::pair().map_err(ProcessError::SocketPair)?;
+    let their_fd = theirs.as_raw_fd();
+    let supervisor_pid = std::process::id() as libc::pid_t;
+    let mut command = Command::new(binary);
+    command
+        .arg("--fd")
+        .arg(WORKER_FD.to_string())
+        .stdin(Stdio::null());
+    for name in SUPERVISOR_ONLY_ENV {
+        command.env_remove(name);
+    }
+    // SAFETY: the closure runs between fork and exec and only calls
+    // async-signal-safe functions (prctl, getppid, setpgid, dup2, fcntl).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The supervisor may have died between fork and prctl.
+            if libc::getppid() != supervisor_pid {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if their_fd == WORKER_FD {
+                // dup2 onto itself would keep FD_CLOEXEC set.
+                if libc::fcntl(WORKER_FD, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(their_fd, WORKER_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|source| ProcessError::Exec {
+        binary: binary.to_owned(),
+        source,
+    })?;
+    drop(theirs);
+    ours.set_nonblocking(true)
+        .map_err(ProcessError::SocketSetup)?;
+    // Dropping `child` neither waits nor kills: reaping is `try_reap`'s job.
+    Ok(SpawnedWorker {
+        pid: Pid::from_raw(child.id() as i32),
+        stream: ours,
+    })
+}
+
+/// Sends SIGKILL. `Ok` also when the process is already gone (a zombie
+/// still accepts signals; ESRCH means it was reaped already).
+pub fn sigkill(pid: Pid) -> Result<(), Errno> {
+    match kill(pid, Signal::SIGKILL) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+/// How a reaped process ended, as waitpid reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReport {
+    /// exit(code).
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(Signal),
+}
+
+/// Non-blocking waitpid on one pid. `Ok(None)`: still running.
+/// ECHILD (someone else reaped it, or it never was our child) is reported
+/// as `Err`, so the caller can drop the worker rather than wait forever.
+pub fn try_reap(pid: Pid) -> Result<Option<ExitReport>, Errno> {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(Some(ExitReport::Exited(code))),
+            Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(Some(ExitReport::Signaled(signal))),
+            Ok(WaitStatus::StillAlive) => return Ok(None),
+            // Stop/continue notifications are not ends; we did not ask for
+            // them (no WUNTRACED), but handle them rather than misclassify.
+            Ok(WaitStatus::Stopped(..) | WaitStatus::Continued(_)) => return Ok(None),
+            Ok(WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_)) => return Ok(None),
+            Err(Errno::EINTR) => continue,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Why the supervisor asked a worker to exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetireReason {
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+/// Why the supervisor SIGKILLed a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    /// One request ran past `request_timeout`.
+    RequestTimeout,
+    /// The model did not load within `startup_timeout`.
+    StartupTimeout,
+    /// Asked to exit, it did not within the drain deadline.
+    DrainDeadline,
+    /// It sent something the protocol does not allow.
+    ProtocolViolation,
+    /// It closed its socket but kept running.
+    SocketClosed,
+}
+
+impl fmt::Display for RetireReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Shutdown => "shutdown",
+        })
+    }
+}
+
+impl fmt::Display for KillReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::RequestTimeout => "request_timeout",
+            Self::StartupTimeout => "startup_timeout",
+            Self::DrainDeadline => "drain_deadline",
+            Self::ProtocolViolation => "protocol_violation",
+            Self::SocketClosed => "socket_closed",
+        })
+    }
+}
+
+/// What the supervisor had done to a worker before it ended: the other half
+/// of the evidence next to the wait status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Nothing: any end is the worker's own (or someone else's doing).
+    None,
+    /// We asked it to exit.
+    Retire(RetireReason),
+    /// We sent SIGKILL.
+    Kill(KillReason),
+}
+
+/// The classified end of a worker: decided once, then logged, counted and
+/// shown in status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEnd {
+    /// We asked it to stop and it exited 0.
+    Retired {
+        /// Why we asked.
+        reason: RetireReason,
+    },
+    /// We sent SIGKILL and it died of SIGKILL.
+    KilledBySupervisor {
+        /// Why we killed it.
+        reason: KillReason,
+    },
+    /// It died of a signal we did not send.
+    Signaled {
+        /// The signal.
+        signal: Signal,
+    },
+    /// It exited by itself.
+    Exited {
+        /// Exit status.
+        code: i32,
+    },
+}
+
+impl WorkerEnd {
+    /// Combines waitpid's report with what we did to the worker.
+    pub fn classify(report: ExitReport, intent: Intent) -> Self {
+        match (report, intent) {
+            (ExitReport::Signaled(Signal::SIGKILL), Intent::Kill(reason)) => {
+                Self::KilledBySupervisor { reason }
+            }
+            (ExitReport::Exited(0), Intent::Retire(reason)) => Self::Retired { reason },
+            (ExitReport::Signaled(signal), _) => Self::Signaled { signal },
+            (ExitReport::Exited(code), _) => Self::Exited { code },
+        }
+    }
+
+    /// Stable name for counters and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Retired { .. } => "retired",
+            Self::KilledBySupervisor { .. } => "killed_by_supervisor",
+            Self::Signaled { .. } => "signaled",
+            Self::Exited { .. } => "exited",
+        }
+    }
+}
+
+impl fmt::Display for WorkerEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Retired { reason } => write!(f, "retired ({reason})"),
+            Self::KilledBySupervisor { reason } => write!(f, "killed by supervisor ({reason})"),
+            Self::Signaled { signal } => write!(f, "killed by {signal} (not sent by inferd)"),
+            Self::Exited { code } => write!(f, "exited with status {code}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_uses_both_status_and_intent() {
+        let kill = Intent::Kill(KillReason::RequestTimeout);
+        let retire = Intent::Retire(RetireReason::Shutdown);
+        let cases = [
+            (ExitReport::Signaled(Signal::SIGKILL), kill, "killed_by_supervisor"),
+            // A SIGKILL we did not send is never ours.
+            (ExitReport::Signaled(Signal::SIGKILL), Intent::None, "signaled"),
+            (ExitReport::Signaled(Signal::SIGKILL), retire, "signaled"),
+            // We sent SIGKILL but it died of something else first.
+            (ExitReport::Signaled(Signal::SIGABRT), kill, "signaled"),
+            (ExitReport::Exited(0), retire, "retired"),
+            (ExitReport::Exited(1), retire, "exited"),
+            (ExitReport::Exited(0), Intent::None, "exited"),
+            (ExitReport::Exited(0), kill, "exited"),
+        ];
+        for (report, intent, kind) in cases {
+            assert_eq!(
+                WorkerEnd::classify(report, intent).kind(),
+                kind,
+                "{report:?} + {intent:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn spawn_passes_the_socket_and_reaps_the_exit() {
+        // `sh -c` stands in for the worker: it writes to fd 3 and exits 7.
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake-worker");
+        std::fs::write(&script, "#!/bin/sh\necho \"$1 $2\" >&3\nexit 7\n").unwrap();
+        std::fs::set_permissions(
+            &script,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let worker = spawn_worker(&script).unwrap();
+        worker.stream.set_nonblocking(false).unwrap();
+        let mut line = String::new();
+        io::BufRead::read_line(&mut io::BufReader::new(&worker.stream), &mut line).unwrap();
+        assert_eq!(line, "--fd 3\n");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let report = loop {
+            if let Some(report) = try_reap(worker.pid).unwrap() {
+                break report;
+            }
+            assert!(std::time::Instant::now() < deadline, "child never exited");
+            std::thread::yield_now();
+        };
+        assert_eq!(report, ExitReport::Exited(7));
+        assert_eq!(try_reap(worker.pid), Err(Errno::ECHILD));
+    }
+
+    #[test]
+    fn missing_binary_is_an_exec_error() {
+        let err = spawn_worker(Path::new("/nonexistent/inferd-worker")).unwrap_err();
+        assert!(matches!(err, ProcessError::Exec { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,134 @@
+//! A client request inside the supervisor, and the handle that answers it.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Instant;
+
+use inferd_proto::{EmbedResult, PoolStatus, RequestError, ServerMessage};
+use tokio::sync::mpsc;
+use tracing::error;
+
+/// Sends the one answer to a client request back to its connection. Consumed
+/// by answering; if dropped unanswered (a bug), it answers `internal` itself,
+/// so a request can never be left hanging.
+#[derive(Debug)]
+pub struct Responder {
+    /// The client's id for the request.
+    id: u64,
+    /// The connection's outgoing queue; `None` once answered.
+    tx: Option<mpsc::UnboundedSender<ServerMessage>>,
+}
+
+impl Responder {
+    /// A responder for client request `id` on the connection behind `tx`.
+    pub fn new(id: u64, tx: mpsc::UnboundedSender<ServerMessage>) -> Self {
+        Self { id, tx: Some(tx) }
+    }
+
+    /// True when the client connection is gone: nobody would read an answer.
+    pub fn client_gone(&self) -> bool {
+        self.tx.as_ref().is_none_or(|tx| tx.is_closed())
+    }
+
+    /// Answers an embed request.
+    pub fn embed(self, result: Result<EmbedResult, RequestError>) {
+        let id = self.id;
+        self.send(match result {
+            Ok(result) => ServerMessage::Embeddings { id, result },
+            Err(error) => ServerMessage::Error { id, error },
+        });
+    }
+
+    /// Answers a status request.
+    pub fn status(self, status: PoolStatus) {
+        let id = self.id;
+        self.send(ServerMessage::Status { id, status });
+    }
+
+    /// Gives up on answering because the client is gone.
+    pub fn abandon(mut self) {
+        self.tx = None;
+    }
+
+    fn send(mut self, message: ServerMessage) {
+        if let Some(tx) = self.tx.take() {
+            // A closed connection cannot be answered; nothing else to do.
+            let _ = tx.send(message);
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            error!(client_request_id = self.id, "request dropped without an answer (bug)");
+            let _ = tx.send(ServerMessage::Error {
+                id: self.id,
+                error: RequestError::Internal {
+                    message: "request dropped without an answer".into(),
+                },
+            });
+        }
+    }
+}
+
+/// An accepted embed request, owned by the queue or by the worker running it.
+#[derive(Debug)]
+pub struct Request {
+    /// Supervisor-wide id (the client's own id is inside the responder).
+    pub id: u64,
+    /// The texts, kept until answered so the request can be re-dispatched.
+    pub texts: Vec<String>,
+    /// Hash of the texts: identifies a poison input in logs without logging it.
+    pub fingerprint: u64,
+    /// When the supervisor accepted it.
+    pub accepted: Instant,
+    /// When it must be answered by.
+    pub deadline: Instant,
+    /// Worker deaths it was in flight for.
+    pub deaths: u32,
+    /// Where the answer goes.
+    pub responder: Responder,
+}
+
+impl Request {
+    /// A new request accepted at `now`.
+    pub fn new(id: u64, texts: Vec<String>, now: Instant, deadline: Instant, responder: Responder) -> Self {
+        let mut hasher = DefaultHasher::new();
+        texts.hash(&mut hasher);
+        Self {
+            id,
+            texts,
+            fingerprint: hasher.finish(),
+            accepted: now,
+            deadline,
+            deaths: 0,
+            responder,
+        }
+    }
+
+    /// Total bytes of text, for logs.
+    pub fn text_bytes(&self) -> usize {
+        self.texts.iter().map(String::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_responder_answers_internal_exactly_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        drop(Responder::new(5, tx.clone()));
+        match rx.try_recv().unwrap() {
+            ServerMessage::Error {
+                id: 5,
+                error: RequestError::Internal { .. },
+            } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        Responder::new(6, tx).embed(Err(RequestError::ShuttingDown));
+        assert_eq!(rx.try_recv().unwrap().id(), 6);
+        assert!(rx.try_recv().is_err(), "answered once, nothing from drop");
+    }
+}

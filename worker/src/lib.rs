@@ -1,0 +1,196 @@
+//! The inferd worker: one process, one model, one request at a time.
+//!
+//! The supervisor execs `inferd-worker --fd N` with one end of a socketpair
+//! as fd N. The worker greets, then waits for [`WorkerCommand::Start`]: it
+//! allocates nothing big before that frame, so the supervisor can first move
+//! it into its own memory cgroup (pages stay charged to the cgroup they were
+//! allocated in). It then loads the engine, reports `Ready` (or `LoadFailed`
+//! and exits 1), and answers `Embed` commands one by one until `Shutdown` or
+//! EOF, both of which end it with status 0. It dies with the supervisor
+//! through `PR_SET_PDEATHSIG`, set by the supervisor before exec.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use inferd_engine::{Engine, EngineConfig};
+use inferd_proto::{
+    ChaosOptions, Connection, EmbedResult, ProtoError, RequestError, WorkerCommand, WorkerConfig,
+    WorkerEvent, DEFAULT_MAX_FRAME_BYTES,
+};
+use tokio::net::UnixStream;
+use tracing::{debug, error, info, info_span, Instrument};
+
+/// The worker's side of the supervisor connection.
+type SupervisorConnection = Connection<UnixStream, WorkerEvent, WorkerCommand>;
+
+/// Why the worker stopped other than by being told to.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The inherited fd is not a usable socket.
+    #[error("cannot use fd {fd} as the supervisor socket")]
+    AdoptSocket {
+        /// The fd number from `--fd`.
+        fd: RawFd,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hello exchange with the supervisor failed.
+    #[error("handshake with the supervisor failed")]
+    Handshake(#[source] ProtoError),
+    /// Reading the next command failed.
+    #[error("receiving a command from the supervisor failed")]
+    ReceiveCommand(#[source] ProtoError),
+    /// Writing an event failed.
+    #[error("sending an event to the supervisor failed")]
+    SendEvent(#[source] ProtoError),
+    /// The supervisor sent something out of sequence.
+    #[error("unexpected command: expected {expected}, got {received}")]
+    UnexpectedCommand {
+        /// What the protocol step expects.
+        expected: &'static str,
+        /// What arrived.
+        received: String,
+    },
+    /// The model or tokenizer could not be loaded.
+    #[error("loading the model failed: {0}")]
+    Load(#[source] inferd_engine::EngineError),
+}
+
+/// Takes ownership of the inherited socket `fd` and serves on it.
+///
+/// # Safety
+/// `fd` must be an open socket that nothing else in this process owns.
+pub unsafe fn adopt_socket(fd: RawFd) -> Result<UnixStream, WorkerError> {
+    // SAFETY: the caller guarantees `fd` is open and unowned.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let std_stream = std::os::unix::net::UnixStream::from(owned);
+    std_stream
+        .set_nonblocking(true)
+        .and_then(|()| UnixStream::from_std(std_stream))
+        .map_err(|source| WorkerError::AdoptSocket { fd, source })
+}
+
+/// Runs the whole worker protocol on `stream`. Returns `Ok` when told to
+/// shut down or when the supervisor closed the socket.
+pub async fn serve(stream: UnixStream) -> Result<(), WorkerError> {
+    let mut conn = SupervisorConnection::new(stream, DEFAULT_MAX_FRAME_BYTES);
+    conn.handshake("inferd-worker")
+        .await
+        .map_err(WorkerError::Handshake)?;
+    let config = match conn.recv().await.map_err(WorkerError::ReceiveCommand)? {
+        Some(WorkerCommand::Start(config)) => config,
+        None => return Ok(()),
+        Some(other) => {
+            return Err(WorkerError::UnexpectedCommand {
+                expected: "Start",
+                received: format!("{other:?}"),
+            })
+        }
+    };
+    let span = info_span!("worker", worker_id = config.worker_id, pid = std::process::id());
+    serve_started(conn, config).instrument(span).await
+}
+
+async fn serve_started(
+    mut conn: SupervisorConnection,
+    config: WorkerConfig,
+) -> Result<(), WorkerError> {
+    let started = Instant::now();
+    let engine = match Engine::load(&engine_config(&config)) {
+        Ok(engine) => engine,
+        Err(err) => {
+            let reason = format!("{err}");
+            error!(%reason, "model load failed");
+            // Best effort: the supervisor also sees our exit status.
+            let _ = conn.send(&WorkerEvent::LoadFailed { reason }).await;
+            return Err(WorkerError::Load(err));
+        }
+    };
+    let load_ms = started.elapsed().as_millis() as u64;
+    info!(model = engine.model_name(), dims = engine.dims(), load_ms, "model loaded");
+    let ready = WorkerEvent::Ready {
+        model: engine.model_name().to_owned(),
+        dims: engine.dims() as u32,
+        load_ms,
+    };
+    conn.send(&ready).await.map_err(WorkerError::SendEvent)?;
+
+    loop {
+        match conn.recv().await.map_err(WorkerError::ReceiveCommand)? {
+            Some(WorkerCommand::Embed { request_id, texts }) => {
+                let event = embed(&engine, &config, request_id, &texts);
+                conn.send(&event).await.map_err(WorkerError::SendEvent)?;
+            }
+            Some(WorkerCommand::Shutdown) => {
+                info!("shutdown requested");
+                return Ok(());
+            }
+            None => {
+                info!("supervisor closed the socket");
+                return Ok(());
+            }
+            Some(other @ WorkerCommand::Start(_)) => {
+                return Err(WorkerError::UnexpectedCommand {
+                    expected: "Embed or Shutdown",
+                    received: format!("{other:?}"),
+                })
+            }
+        }
+    }
+}
+
+fn engine_config(config: &WorkerConfig) -> EngineConfig {
+    let mut engine = EngineConfig::new(config.model_path.clone(), config.tokenizer_path.clone());
+    engine.max_seq_len = config.max_seq_len;
+    engine.normalize = config.normalize;
+    engine
+}
+
+/// Runs one request; every failure becomes a `Rejected` event, never a crash.
+fn embed(engine: &Engine, config: &WorkerConfig, request_id: u64, texts: &[String]) -> WorkerEvent {
+    apply_chaos(&config.chaos, texts);
+    if let Err(error) = config.limits.check(texts) {
+        return WorkerEvent::Rejected { request_id, error };
+    }
+    let started = Instant::now();
+    match engine.embed(texts) {
+        Ok(out) => {
+            debug!(
+                request_id,
+                texts = texts.len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "embedded"
+            );
+            WorkerEvent::Embedded {
+                request_id,
+                result: EmbedResult {
+                    model: engine.model_name().to_owned(),
+                    dims: engine.dims() as u32,
+                    embeddings: out.vectors,
+                    truncated: out.truncated,
+                    token_counts: out.token_counts.into_iter().map(|n| n as u32).collect(),
+                },
+            }
+        }
+        Err(err) => {
+            error!(request_id, error = %err, "inference failed");
+            WorkerEvent::Rejected {
+                request_id,
+                error: RequestError::Internal {
+                    message: format!("inference failed: {err}"),
+                },
+            }
+        }
+    }
+}
+
+/// Test-only behaviours, off unless the supervisor's config enables them.
+fn apply_chaos(chaos: &ChaosOptions, texts: &[String]) {
+    if let Some(marker) = &chaos.crash_marker {
+        if texts.iter().any(|t| t == marker) {
+            error!("chaos: crash marker received, aborting");
+            std::process::abort();
+        }
+    }
+}
