@@ -48,7 +48,8 @@ where
     /// Both hellos go out before the check so the peer learns our version
     /// too. Bounded by [`HANDSHAKE_TIMEOUT`].
     pub async fn handshake(&mut self, program: &str) -> Result<Hello, ProtoError> {
-        self.write_frame(&encode_frame(&Hello::new(program))?).await?;
+        self.write_frame(&encode_frame(&Hello::new(program))?)
+            .await?;
         let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.read_payload())
             .await
             .map_err(|_| ProtoError::HandshakeTimeout)??
@@ -152,7 +153,10 @@ mod tests {
         client.write_all(&[1, 0]).await.unwrap();
         drop(client);
         let err = server.recv().await.unwrap_err();
-        assert!(matches!(err, ProtoError::TruncatedFrame { buffered: 2 }), "{err:?}");
+        assert!(
+            matches!(err, ProtoError::TruncatedFrame { buffered: 2 }),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
@@ -161,7 +165,13 @@ mod tests {
         let mut server = server_end(stream);
         client.write_all(&2048u32.to_le_bytes()).await.unwrap();
         let err = server.recv().await.unwrap_err();
-        assert!(matches!(err, ProtoError::FrameTooLarge { len: 2048, max: 1024 }));
+        assert!(matches!(
+            err,
+            ProtoError::FrameTooLarge {
+                len: 2048,
+                max: 1024
+            }
+        ));
 
         let (mut client, stream) = duplex(4096);
         let mut server = server_end(stream);
@@ -190,7 +200,10 @@ mod tests {
             protocol_version: PROTOCOL_VERSION + 1,
             software: "future".into(),
         };
-        client.write_all(&encode_frame(&old).unwrap()).await.unwrap();
+        client
+            .write_all(&encode_frame(&old).unwrap())
+            .await
+            .unwrap();
         let err = server.handshake("server").await.unwrap_err();
         assert!(
             matches!(err, ProtoError::VersionMismatch { ours, theirs } if ours == PROTOCOL_VERSION && theirs == PROTOCOL_VERSION + 1),

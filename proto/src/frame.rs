@@ -121,8 +121,13 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_u32_le(u32::MAX);
         let err = FrameDecoder::new(1024).decode(&mut buf).unwrap_err();
-        assert!(matches!(err, ProtoError::FrameTooLarge { len, max: 1024 } if len == u32::MAX as usize));
-        assert!(buf.capacity() < 1024, "no room reserved for the hostile frame");
+        assert!(
+            matches!(err, ProtoError::FrameTooLarge { len, max: 1024 } if len == u32::MAX as usize)
+        );
+        assert!(
+            buf.capacity() < 1024,
+            "no room reserved for the hostile frame"
+        );
     }
 
     #[test]
@@ -136,7 +141,10 @@ mod tests {
         let mut payload = encode_frame(&ClientMessage::Status { id: 1 }).unwrap()[4..].to_vec();
         payload.push(0);
         let err = decode_payload::<ClientMessage>(&payload).unwrap_err();
-        assert!(matches!(err, ProtoError::TrailingBytes { extra: 1 }), "{err:?}");
+        assert!(
+            matches!(err, ProtoError::TrailingBytes { extra: 1 }),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -39,7 +39,9 @@ mod frame;
 mod message;
 
 pub use connection::{Connection, HANDSHAKE_TIMEOUT};
-pub use frame::{decode_payload, encode_frame, put_raw_frame, FrameDecoder, DEFAULT_MAX_FRAME_BYTES};
+pub use frame::{
+    decode_payload, encode_frame, put_raw_frame, FrameDecoder, DEFAULT_MAX_FRAME_BYTES,
+};
 pub use message::*;
 
 /// Version of the message layer. Bump on any change to the message enums.
@@ -91,4 +93,18 @@ pub enum ProtoError {
     /// The peer did not complete the handshake in time.
     #[error("handshake timed out")]
     HandshakeTimeout,
+}
+
+/// `err` and its sources joined with ": ", for error texts that travel over
+/// the wire (a typed error's `Display` often leaves the OS detail, such as
+/// "No such file or directory", in `source()`).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -136,7 +136,9 @@ pub enum ConfigError {
         reason: String,
     },
     /// The executable's own path is needed for a default and is unknown.
-    #[error("cannot locate the inferd executable to find inferd-worker beside it; set worker_binary")]
+    #[error(
+        "cannot locate the inferd executable to find inferd-worker beside it; set worker_binary"
+    )]
     LocateExecutable(#[source] std::io::Error),
 }
 
@@ -238,7 +240,10 @@ impl Config {
             return invalid("max_frame_bytes", "must be between 4096 and 4294967295");
         }
         if self.max_texts == 0 || self.max_text_bytes == 0 {
-            return invalid("max_texts", "max_texts and max_text_bytes must be at least 1");
+            return invalid(
+                "max_texts",
+                "max_texts and max_text_bytes must be at least 1",
+            );
         }
         for (key, ms) in [
             ("request_timeout_ms", self.request_timeout_ms),
@@ -337,7 +342,10 @@ mod tests {
             ("model = \"/m\"\nworkers = 0\n", "workers"),
             ("model = \"/m\"\nsocket_mode = \"rw\"\n", "socket_mode"),
             ("model = \"/m\"\nqueue_capacity = 0\n", "queue_capacity"),
-            ("model = \"/m\"\nrequest_timeout_ms = 0\n", "request_timeout_ms"),
+            (
+                "model = \"/m\"\nrequest_timeout_ms = 0\n",
+                "request_timeout_ms",
+            ),
             ("workers = 1\n", "model"),
         ] {
             match load_toml(text, Args::default()) {

@@ -60,12 +60,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if !config.model.exists() {
         warn!(model = %config.model.display(), "model file does not exist; workers will fail to start");
     }
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
-    let mut socket = listener::ClientSocket::bind(&config.socket, config.socket_mode_bits().map_err(|_| {
-        // Validated at load; unreachable in practice.
-        listener::ListenerError::NotASocket(config.socket.clone())
-    })?)
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
+    let mut socket = listener::ClientSocket::bind(
+        &config.socket,
+        config.socket_mode_bits().map_err(|_| {
+            // Validated at load; unreachable in practice.
+            listener::ListenerError::NotASocket(config.socket.clone())
+        })?,
+    )
     .await?;
 
     let shutdown = CancellationToken::new();
@@ -75,7 +80,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     info!(workers = config.workers, model = %config.model.display(), "inferd started");
 
     let pool_result = loop {
-        let Some(listener) = socket.listener() else { break None };
+        let Some(listener) = socket.listener() else {
+            break None;
+        };
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break None; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break None; }
@@ -99,7 +106,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         None => (&mut pool_task).await,
     };
     connections.close();
-    if tokio::time::timeout(FLUSH_TIMEOUT, connections.wait()).await.is_err() {
+    if tokio::time::timeout(FLUSH_TIMEOUT, connections.wait())
+        .await
+        .is_err()
+    {
         warn!("some client connections did not finish in time");
     }
     drop(socket);

@@ -25,7 +25,10 @@ fn main() -> ExitCode {
     };
     // Current-thread on purpose: workers' PR_SET_PDEATHSIG follows the
     // thread that spawned them, and the supervisor only shuffles bytes.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("inferd: cannot start the runtime: {err}");

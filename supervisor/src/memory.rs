@@ -17,7 +17,10 @@ mod tests {
     #[test]
     fn reads_own_rss_and_none_for_missing_pid() {
         let own = rss_bytes(nix::unistd::getpid()).expect("own statm readable");
-        assert!(own > 1024 * 1024, "a test process has more than 1 MiB resident: {own}");
+        assert!(
+            own > 1024 * 1024,
+            "a test process has more than 1 MiB resident: {own}"
+        );
         assert_eq!(rss_bytes(Pid::from_raw(i32::MAX)), None);
     }
 }

@@ -180,7 +180,13 @@ impl Pool {
         }
     }
 
-    fn accept(&mut self, texts: Vec<String>, deadline: Option<Duration>, responder: Responder, now: Instant) {
+    fn accept(
+        &mut self,
+        texts: Vec<String>,
+        deadline: Option<Duration>,
+        responder: Responder,
+        now: Instant,
+    ) {
         let rejection = if let Phase::Draining { .. } = self.phase {
             Some(RequestError::ShuttingDown)
         } else if let Err(err) = self.config.limits().check(&texts) {
@@ -190,7 +196,8 @@ impl Pool {
                 capacity: self.config.queue_capacity as u32,
             })
         } else {
-            self.unavailable().map(|reason| RequestError::Unavailable { reason })
+            self.unavailable()
+                .map(|reason| RequestError::Unavailable { reason })
         };
         if let Some(error) = rejection {
             self.count_failure(&error);
@@ -217,8 +224,12 @@ impl Pool {
                 })
                 .min();
             let Some((_, worker_id)) = idle else { return };
-            let Some(request) = self.pop_runnable(now) else { return };
-            let Some(worker) = self.workers.get_mut(&worker_id) else { return };
+            let Some(request) = self.pop_runnable(now) else {
+                return;
+            };
+            let Some(worker) = self.workers.get_mut(&worker_id) else {
+                return;
+            };
             debug!(
                 worker_id,
                 request_id = request.id,
@@ -257,13 +268,22 @@ impl Pool {
         };
         let pid = worker.pid.as_raw();
         match event {
-            IoEvent::Event(WorkerEvent::Ready { model, dims, load_ms }) => {
+            IoEvent::Event(WorkerEvent::Ready {
+                model,
+                dims,
+                load_ms,
+            }) => {
                 if worker.mark_ready(now) {
                     info!(worker_id, pid, %model, dims, load_ms, "worker ready");
                     self.startup.consecutive_failures = 0;
                     self.startup.last_error = None;
                 } else {
-                    warn!(worker_id, pid, state = worker.state_name(), "unexpected Ready; killing");
+                    warn!(
+                        worker_id,
+                        pid,
+                        state = worker.state_name(),
+                        "unexpected Ready; killing"
+                    );
                     self.kill(worker_id, KillReason::ProtocolViolation, now);
                 }
             }
@@ -285,7 +305,10 @@ impl Pool {
             }
             IoEvent::Closed(None) => {
                 if let Some(request) = worker.lost(now) {
-                    warn!(worker_id, pid, "worker closed its socket while running a request");
+                    warn!(
+                        worker_id,
+                        pid, "worker closed its socket while running a request"
+                    );
                     self.fail_over(request, worker_id, now);
                 } else {
                     debug!(worker_id, pid, "worker socket closed");
@@ -296,8 +319,16 @@ impl Pool {
         self.dispatch(now);
     }
 
-    fn complete(&mut self, worker_id: u64, request_id: u64, result: Result<EmbedResult, RequestError>, now: Instant) {
-        let Some(worker) = self.workers.get_mut(&worker_id) else { return };
+    fn complete(
+        &mut self,
+        worker_id: u64,
+        request_id: u64,
+        result: Result<EmbedResult, RequestError>,
+        now: Instant,
+    ) {
+        let Some(worker) = self.workers.get_mut(&worker_id) else {
+            return;
+        };
         match worker.complete(request_id, now) {
             Ok(Some(request)) => self.finish(request, result, now),
             // Answered already (its deadline passed while it ran).
@@ -312,7 +343,9 @@ impl Pool {
     /// SIGKILLs a worker; its request (if any) is re-dispatched, except after
     /// a request timeout, where it is answered `timeout`.
     fn kill(&mut self, worker_id: u64, reason: KillReason, now: Instant) {
-        let Some(worker) = self.workers.get_mut(&worker_id) else { return };
+        let Some(worker) = self.workers.get_mut(&worker_id) else {
+            return;
+        };
         warn!(worker_id, pid = worker.pid.as_raw(), %reason, "killing worker");
         if let Some(request) = worker.kill(reason, now) {
             match reason {
@@ -320,7 +353,9 @@ impl Pool {
                     let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
                     self.finish(request, Err(RequestError::Timeout { elapsed_ms }), now);
                 }
-                KillReason::DrainDeadline => self.finish(request, Err(RequestError::ShuttingDown), now),
+                KillReason::DrainDeadline => {
+                    self.finish(request, Err(RequestError::ShuttingDown), now)
+                }
                 _ => self.fail_over(request, worker_id, now),
             }
         }
@@ -345,7 +380,11 @@ impl Pool {
             self.finish(request, Err(RequestError::WorkerLost { deaths }), now);
         } else {
             self.counters.retries += 1;
-            info!(worker_id, request_id = request.id, "re-dispatching the request of a dead worker");
+            info!(
+                worker_id,
+                request_id = request.id,
+                "re-dispatching the request of a dead worker"
+            );
             self.queue.push_front(request);
         }
     }
@@ -354,7 +393,9 @@ impl Pool {
     fn reap_all(&mut self, now: Instant) {
         let ids: Vec<u64> = self.workers.keys().copied().collect();
         for worker_id in ids {
-            let Some(worker) = self.workers.get(&worker_id) else { continue };
+            let Some(worker) = self.workers.get(&worker_id) else {
+                continue;
+            };
             let end = match process::try_reap(worker.pid) {
                 Ok(None) => continue,
                 Ok(Some(report)) => Some(WorkerEnd::classify(report, worker.intent())),
@@ -363,7 +404,9 @@ impl Pool {
                     None
                 }
             };
-            let Some(mut worker) = self.workers.remove(&worker_id) else { continue };
+            let Some(mut worker) = self.workers.remove(&worker_id) else {
+                continue;
+            };
             self.on_exit(&mut worker, end, now);
         }
         self.ensure_workers(now);
@@ -372,7 +415,11 @@ impl Pool {
 
     fn on_exit(&mut self, worker: &mut Worker, end: Option<WorkerEnd>, now: Instant) {
         let kind = end.map_or("unknown", |end| end.kind());
-        *self.counters.worker_exits.entry(kind.to_owned()).or_default() += 1;
+        *self
+            .counters
+            .worker_exits
+            .entry(kind.to_owned())
+            .or_default() += 1;
         let description = end.map_or_else(|| "unknown".to_owned(), |end| end.to_string());
         let age_s = now.duration_since(worker.spawned).as_secs_f64();
         let (worker_id, pid) = (worker.id, worker.pid.as_raw());
@@ -380,7 +427,9 @@ impl Pool {
             Some(WorkerEnd::Retired { .. }) => {
                 info!(worker_id, pid, end = %description, kind, served = worker.requests_served, age_s, "worker exited")
             }
-            _ => warn!(worker_id, pid, end = %description, kind, served = worker.requests_served, age_s, "worker exited"),
+            _ => {
+                warn!(worker_id, pid, end = %description, kind, served = worker.requests_served, age_s, "worker exited")
+            }
         }
         if let Some(request) = worker.take_request() {
             self.fail_over(request, worker.id, now);
@@ -409,7 +458,13 @@ impl Pool {
         self.startup.last_error = Some(reason);
         if let Some(reason) = self.unavailable() {
             while let Some(request) = self.queue.pop_front() {
-                self.finish(request, Err(RequestError::Unavailable { reason: reason.clone() }), now);
+                self.finish(
+                    request,
+                    Err(RequestError::Unavailable {
+                        reason: reason.clone(),
+                    }),
+                    now,
+                );
             }
         }
     }
@@ -426,7 +481,10 @@ impl Pool {
         Some(format!(
             "workers fail to start ({} attempts in a row): {}",
             self.startup.consecutive_failures,
-            self.startup.last_error.as_deref().unwrap_or("unknown reason")
+            self.startup
+                .last_error
+                .as_deref()
+                .unwrap_or("unknown reason")
         ))
     }
 
@@ -444,7 +502,13 @@ impl Pool {
             let worker_id = self.next_worker_id;
             self.next_worker_id += 1;
             let spawned = process::spawn_worker(&self.config.worker_binary).and_then(|spawned| {
-                Worker::start(worker_id, spawned, self.worker_config(worker_id), self.io_events.clone(), now)
+                Worker::start(
+                    worker_id,
+                    spawned,
+                    self.worker_config(worker_id),
+                    self.io_events.clone(),
+                    now,
+                )
             });
             match spawned {
                 Ok(worker) => {
@@ -453,8 +517,7 @@ impl Pool {
                     self.workers.insert(worker_id, worker);
                 }
                 Err(err) => {
-                    let reason = format!("{}: {}", err, std::error::Error::source(&err).map_or_else(String::new, |s| s.to_string()));
-                    self.start_failed(reason, now);
+                    self.start_failed(inferd_proto::error_chain(&err), now);
                     return;
                 }
             }
@@ -512,7 +575,9 @@ impl Pool {
                     if let Some(request) = job.request.take() {
                         let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
                         count_failure(&mut self.counters, "timeout");
-                        request.responder.embed(Err(RequestError::Timeout { elapsed_ms }));
+                        request
+                            .responder
+                            .embed(Err(RequestError::Timeout { elapsed_ms }));
                     }
                 }
             }
@@ -523,7 +588,11 @@ impl Pool {
     }
 
     fn expire_queued(&mut self, now: Instant) {
-        if !self.queue.iter().any(|r| now >= r.deadline || r.responder.client_gone()) {
+        if !self
+            .queue
+            .iter()
+            .any(|r| now >= r.deadline || r.responder.client_gone())
+        {
             return;
         }
         let queued = std::mem::take(&mut self.queue);
@@ -558,7 +627,12 @@ impl Pool {
             while let Some(request) = self.queue.pop_front() {
                 self.finish(request, Err(RequestError::ShuttingDown), now);
             }
-            let busy: Vec<u64> = self.workers.values().filter(|w| w.is_busy()).map(|w| w.id).collect();
+            let busy: Vec<u64> = self
+                .workers
+                .values()
+                .filter(|w| w.is_busy())
+                .map(|w| w.id)
+                .collect();
             for worker_id in busy {
                 self.kill(worker_id, KillReason::DrainDeadline, now);
             }
@@ -572,11 +646,18 @@ impl Pool {
     }
 
     fn drained(&self) -> bool {
-        matches!(self.phase, Phase::Draining { .. }) && self.workers.is_empty() && self.queue.is_empty()
+        matches!(self.phase, Phase::Draining { .. })
+            && self.workers.is_empty()
+            && self.queue.is_empty()
     }
 
     /// Sends the one answer for `request` and counts it.
-    fn finish(&mut self, request: Request, result: Result<EmbedResult, RequestError>, now: Instant) {
+    fn finish(
+        &mut self,
+        request: Request,
+        result: Result<EmbedResult, RequestError>,
+        now: Instant,
+    ) {
         match &result {
             Ok(_) => self.counters.requests_ok += 1,
             Err(err) => self.count_failure(err),
@@ -592,7 +673,10 @@ impl Pool {
 
     /// Drops a queued request whose client disconnected: nobody to answer.
     fn abandon(&mut self, request: Request) {
-        debug!(request_id = request.id, "client gone; dropping its queued request");
+        debug!(
+            request_id = request.id,
+            "client gone; dropping its queued request"
+        );
         count_failure(&mut self.counters, "client_gone");
         request.responder.abandon();
     }

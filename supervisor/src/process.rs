@@ -144,7 +144,9 @@ pub fn try_reap(pid: Pid) -> Result<Option<ExitReport>, Errno> {
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => return Ok(Some(ExitReport::Exited(code))),
-            Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(Some(ExitReport::Signaled(signal))),
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                return Ok(Some(ExitReport::Signaled(signal)))
+            }
             Ok(WaitStatus::StillAlive) => return Ok(None),
             // Stop/continue notifications are not ends; we did not ask for
             // them (no WUNTRACED), but handle them rather than misclassify.
@@ -280,9 +282,17 @@ mod tests {
         let kill = Intent::Kill(KillReason::RequestTimeout);
         let retire = Intent::Retire(RetireReason::Shutdown);
         let cases = [
-            (ExitReport::Signaled(Signal::SIGKILL), kill, "killed_by_supervisor"),
+            (
+                ExitReport::Signaled(Signal::SIGKILL),
+                kill,
+                "killed_by_supervisor",
+            ),
             // A SIGKILL we did not send is never ours.
-            (ExitReport::Signaled(Signal::SIGKILL), Intent::None, "signaled"),
+            (
+                ExitReport::Signaled(Signal::SIGKILL),
+                Intent::None,
+                "signaled",
+            ),
             (ExitReport::Signaled(Signal::SIGKILL), retire, "signaled"),
             // We sent SIGKILL but it died of something else first.
             (ExitReport::Signaled(Signal::SIGABRT), kill, "signaled"),
@@ -306,11 +316,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("fake-worker");
         std::fs::write(&script, "#!/bin/sh\necho \"$1 $2\" >&3\nexit 7\n").unwrap();
-        std::fs::set_permissions(
-            &script,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let worker = spawn_worker(&script).unwrap();
         worker.stream.set_nonblocking(false).unwrap();
         let mut line = String::new();

@@ -60,7 +60,10 @@ impl Responder {
 impl Drop for Responder {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
-            error!(client_request_id = self.id, "request dropped without an answer (bug)");
+            error!(
+                client_request_id = self.id,
+                "request dropped without an answer (bug)"
+            );
             let _ = tx.send(ServerMessage::Error {
                 id: self.id,
                 error: RequestError::Internal {
@@ -92,7 +95,13 @@ pub struct Request {
 
 impl Request {
     /// A new request accepted at `now`.
-    pub fn new(id: u64, texts: Vec<String>, now: Instant, deadline: Instant, responder: Responder) -> Self {
+    pub fn new(
+        id: u64,
+        texts: Vec<String>,
+        now: Instant,
+        deadline: Instant,
+        responder: Responder,
+    ) -> Self {
         let mut hasher = DefaultHasher::new();
         texts.hash(&mut hasher);
         Self {

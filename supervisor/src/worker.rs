@@ -212,7 +212,11 @@ impl Worker {
 
     /// Busy → Ready on the worker's answer to `request_id`; returns the
     /// request unless it was already answered (deadline passed).
-    pub fn complete(&mut self, request_id: u64, now: Instant) -> Result<Option<Request>, UnexpectedAnswer> {
+    pub fn complete(
+        &mut self,
+        request_id: u64,
+        now: Instant,
+    ) -> Result<Option<Request>, UnexpectedAnswer> {
         match &mut self.state {
             WorkerState::Busy(job) if job.request_id == request_id => {
                 let request = job.request.take();
@@ -238,7 +242,10 @@ impl Worker {
     /// Asks the worker to exit after its current command: → Stopping.
     /// Only for idle or starting workers; a busy one must finish first.
     pub fn retire(&mut self, reason: RetireReason, now: Instant) {
-        if matches!(self.state, WorkerState::Ready { .. } | WorkerState::Starting { .. }) {
+        if matches!(
+            self.state,
+            WorkerState::Ready { .. } | WorkerState::Starting { .. }
+        ) {
             let _ = self.commands.send(WorkerCommand::Shutdown);
             self.state = WorkerState::Stopping { reason, since: now };
         }

@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use inferd_engine::{Engine, EngineConfig};
 use inferd_proto::{
-    ChaosOptions, Connection, EmbedResult, ProtoError, RequestError, WorkerCommand, WorkerConfig,
-    WorkerEvent, DEFAULT_MAX_FRAME_BYTES,
+    error_chain, ChaosOptions, Connection, EmbedResult, ProtoError, RequestError, WorkerCommand,
+    WorkerConfig, WorkerEvent, DEFAULT_MAX_FRAME_BYTES,
 };
 use tokio::net::UnixStream;
 use tracing::{debug, error, info, info_span, Instrument};
@@ -88,7 +88,11 @@ pub async fn serve(stream: UnixStream) -> Result<(), WorkerError> {
             })
         }
     };
-    let span = info_span!("worker", worker_id = config.worker_id, pid = std::process::id());
+    let span = info_span!(
+        "worker",
+        worker_id = config.worker_id,
+        pid = std::process::id()
+    );
     serve_started(conn, config).instrument(span).await
 }
 
@@ -100,7 +104,7 @@ async fn serve_started(
     let engine = match Engine::load(&engine_config(&config)) {
         Ok(engine) => engine,
         Err(err) => {
-            let reason = format!("{err}");
+            let reason = error_chain(&err);
             error!(%reason, "model load failed");
             // Best effort: the supervisor also sees our exit status.
             let _ = conn.send(&WorkerEvent::LoadFailed { reason }).await;
@@ -108,7 +112,12 @@ async fn serve_started(
         }
     };
     let load_ms = started.elapsed().as_millis() as u64;
-    info!(model = engine.model_name(), dims = engine.dims(), load_ms, "model loaded");
+    info!(
+        model = engine.model_name(),
+        dims = engine.dims(),
+        load_ms,
+        "model loaded"
+    );
     let ready = WorkerEvent::Ready {
         model: engine.model_name().to_owned(),
         dims: engine.dims() as u32,
@@ -174,11 +183,11 @@ fn embed(engine: &Engine, config: &WorkerConfig, request_id: u64, texts: &[Strin
             }
         }
         Err(err) => {
-            error!(request_id, error = %err, "inference failed");
+            error!(request_id, error = %error_chain(&err), "inference failed");
             WorkerEvent::Rejected {
                 request_id,
                 error: RequestError::Internal {
-                    message: format!("inference failed: {err}"),
+                    message: format!("inference failed: {}", error_chain(&err)),
                 },
             }
         }
