@@ -95,6 +95,18 @@ pub enum ProtoError {
     HandshakeTimeout,
 }
 
+impl ProtoError {
+    /// True when the error only says the peer went away (reset, broken pipe,
+    /// EOF inside a frame or the handshake), as opposed to the peer sending
+    /// something malformed. A dead worker shows up as the former.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(
+            self,
+            Self::Io(_) | Self::TruncatedFrame { .. } | Self::ClosedDuringHandshake
+        )
+    }
+}
+
 /// `err` and its sources joined with ": ", for error texts that travel over
 /// the wire (a typed error's `Display` often leaves the OS detail, such as
 /// "No such file or directory", in `source()`).

@@ -297,13 +297,15 @@ impl Pool {
             IoEvent::Event(WorkerEvent::Rejected { request_id, error }) => {
                 self.complete(worker_id, request_id, Err(error), now);
             }
-            IoEvent::Closed(Some(err)) => {
+            IoEvent::Closed(Some(err)) if !err.is_disconnect() => {
                 if worker.is_live() {
                     warn!(worker_id, pid, error = %err, "protocol error on worker socket; killing");
                     self.kill(worker_id, KillReason::ProtocolViolation, now);
                 }
             }
-            IoEvent::Closed(None) => {
+            // EOF, reset or a cut-off frame: the worker died (or is dying);
+            // waitpid will tell how.
+            IoEvent::Closed(_) => {
                 if let Some(request) = worker.lost(now) {
                     warn!(
                         worker_id,

@@ -1,0 +1,173 @@
+//! Human-readable rendering of a [`PoolStatus`] for `inferctl status`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use inferd_proto::PoolStatus;
+
+/// Renders `status` as a few header lines, one table row per worker, then the
+/// counters. Ends with a newline.
+pub fn format_status(status: &PoolStatus) -> String {
+    let mut out = String::new();
+    let count = |state: &str| status.workers.iter().filter(|w| w.state == state).count();
+    // Writing into a String cannot fail; the results are ignored on purpose.
+    let _ = writeln!(
+        out,
+        "supervisor   pid {}, up {}",
+        status.pid,
+        human_duration(status.uptime_secs as f64)
+    );
+    let _ = writeln!(out, "model        {}", status.model.display());
+    let _ = writeln!(
+        out,
+        "workers      {} ready, {} busy / {} target ({} processes)",
+        count("ready"),
+        count("busy"),
+        status.target_workers,
+        status.workers.len()
+    );
+    let _ = writeln!(
+        out,
+        "queue        {} / {}",
+        status.queue_depth, status.queue_capacity
+    );
+    if let Some(reason) = &status.unavailable_reason {
+        let _ = writeln!(out, "UNAVAILABLE  {reason}");
+    }
+
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "{:>4}  {:>8}  {:<9}  {:>9}  {:>9}  {:>10}",
+        "ID", "PID", "STATE", "RSS(MiB)", "REQUESTS", "AGE"
+    );
+    if status.workers.is_empty() {
+        let _ = writeln!(out, "(no worker processes)");
+    }
+    for w in &status.workers {
+        let rss = w
+            .rss_bytes
+            .map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:>4}  {:>8}  {:<9}  {:>9}  {:>9}  {:>10}",
+            w.id,
+            w.pid,
+            w.state,
+            rss,
+            w.requests_served,
+            human_duration(w.age_secs)
+        );
+    }
+
+    let c = &status.counters;
+    out.push('\n');
+    let _ = writeln!(out, "counters");
+    let _ = writeln!(out, "  requests accepted   {}", c.requests_accepted);
+    let _ = writeln!(out, "  requests ok         {}", c.requests_ok);
+    let _ = writeln!(out, "  requests failed     {}", by_kind(&c.requests_failed));
+    let _ = writeln!(out, "  retries             {}", c.retries);
+    let _ = writeln!(out, "  poison rejections   {}", c.poison_rejections);
+    let _ = writeln!(out, "  workers spawned     {}", c.workers_spawned);
+    let _ = writeln!(out, "  worker exits        {}", by_kind(&c.worker_exits));
+    out
+}
+
+/// `kind=n kind=n`, or `0` when empty.
+fn by_kind(counts: &BTreeMap<String, u64>) -> String {
+    if counts.is_empty() {
+        return "0".into();
+    }
+    let total: u64 = counts.values().sum();
+    let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}={n}")).collect();
+    format!("{total} ({})", parts.join(" "))
+}
+
+/// `42s`, `3m07s`, `5h02m`, `2d03h`.
+fn human_duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "-".into();
+    }
+    if secs < 10.0 {
+        return format!("{secs:.1}s");
+    }
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use inferd_proto::{Counters, WorkerStatus};
+
+    fn worker(id: u64, pid: u32, state: &str) -> WorkerStatus {
+        WorkerStatus {
+            id,
+            pid,
+            state: state.into(),
+            rss_bytes: Some(183 * 1024 * 1024),
+            requests_served: 12,
+            age_secs: 3725.0,
+        }
+    }
+
+    #[test]
+    fn table_has_header_rows_and_counters() {
+        let mut counters = Counters {
+            requests_accepted: 10,
+            requests_ok: 8,
+            retries: 1,
+            poison_rejections: 1,
+            workers_spawned: 4,
+            ..Counters::default()
+        };
+        counters.requests_failed.insert("worker_lost".into(), 1);
+        counters.requests_failed.insert("timeout".into(), 1);
+        counters.worker_exits.insert("signaled".into(), 2);
+        let status = PoolStatus {
+            pid: 4242,
+            uptime_secs: 90,
+            model: "/models/m.onnx".into(),
+            target_workers: 2,
+            workers: vec![worker(3, 100, "ready"), worker(4, 101, "busy")],
+            queue_depth: 5,
+            queue_capacity: 256,
+            unavailable_reason: Some("model file missing".into()),
+            counters,
+        };
+        let text = format_status(&status);
+        assert!(text.contains("pid 4242, up 1m30s"), "{text}");
+        assert!(text.contains("/models/m.onnx"), "{text}");
+        assert!(text.contains("1 ready, 1 busy / 2 target"), "{text}");
+        assert!(text.contains("5 / 256"), "{text}");
+        assert!(text.contains("UNAVAILABLE  model file missing"), "{text}");
+        assert!(text.contains("RSS(MiB)"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.contains(" 101 "))
+            .unwrap_or_default();
+        assert!(
+            row.contains("busy") && row.contains("183.0") && row.contains("1h02m"),
+            "{row}"
+        );
+        assert!(text.contains("2 (timeout=1 worker_lost=1)"), "{text}");
+        assert!(
+            text.contains("worker exits        2 (signaled=2)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(human_duration(1.34), "1.3s");
+        assert_eq!(human_duration(59.0), "59s");
+        assert_eq!(human_duration(187.0), "3m07s");
+        assert_eq!(human_duration(90_000.0), "1d01h");
+    }
+}

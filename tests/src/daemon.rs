@@ -1,0 +1,605 @@
+//! The [`Daemon`] fixture: one real `inferd` process with its own temp dir,
+//! config file, socket and log.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use inferd_client::{format_status, Client, ClientError};
+use inferd_proto::PoolStatus;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+
+use crate::fixtures::{binary, model_files, test_model_name};
+use crate::process::{children_of, comm, pid_alive};
+
+/// Interval of every bounded poll in the harness.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Default bound on the wait for a started daemon's workers to be ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything that goes into a test daemon's TOML config, plus how the
+/// harness runs it. Build with [`DaemonConfig::new`] and the setters.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// `workers`: pool size; also how many "ready" workers mean started.
+    pub workers: u32,
+    /// `model`: the ONNX file.
+    pub model: PathBuf,
+    /// `tokenizer`: the tokenizer.json file.
+    pub tokenizer: PathBuf,
+    /// `socket`; `None` puts `inferd.sock` in the daemon's temp dir.
+    pub socket: Option<PathBuf>,
+    /// `worker_binary`; `None` leaves the daemon's default (next to `inferd`).
+    pub worker_binary: Option<PathBuf>,
+    /// `max_seq_len`.
+    pub max_seq_len: Option<usize>,
+    /// `normalize`.
+    pub normalize: Option<bool>,
+    /// `queue_capacity`.
+    pub queue_capacity: Option<u32>,
+    /// `max_frame_bytes`.
+    pub max_frame_bytes: Option<u64>,
+    /// `max_texts`.
+    pub max_texts: Option<u32>,
+    /// `max_text_bytes`.
+    pub max_text_bytes: Option<u64>,
+    /// `request_timeout_ms`.
+    pub request_timeout_ms: Option<u64>,
+    /// `default_deadline_ms`.
+    pub default_deadline_ms: Option<u64>,
+    /// `drain_timeout_ms`.
+    pub drain_timeout_ms: Option<u64>,
+    /// `[chaos] crash_marker`.
+    pub crash_marker: Option<String>,
+    /// `RUST_LOG` for the daemon (and its workers, which inherit it).
+    pub rust_log: String,
+    /// Bound on [`Daemon::wait_ready`].
+    pub ready_timeout: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DaemonConfig {
+    /// Two workers serving [`crate::DEFAULT_MODEL`] (or
+    /// `$INFERD_TEST_MODEL`, see [`test_model_name`]), everything else at the
+    /// daemon's defaults, `RUST_LOG=info`.
+    pub fn new() -> Self {
+        Self::with_model(model_files(&test_model_name()))
+    }
+
+    /// Two workers serving `(model.onnx, tokenizer.json)`, everything else at
+    /// the daemon's defaults, `RUST_LOG=info`. The files are not checked.
+    pub fn with_model((model, tokenizer): (PathBuf, PathBuf)) -> Self {
+        Self {
+            workers: 2,
+            model,
+            tokenizer,
+            socket: None,
+            worker_binary: None,
+            max_seq_len: None,
+            normalize: None,
+            queue_capacity: None,
+            max_frame_bytes: None,
+            max_texts: None,
+            max_text_bytes: None,
+            request_timeout_ms: None,
+            default_deadline_ms: None,
+            drain_timeout_ms: None,
+            crash_marker: None,
+            rust_log: "info".into(),
+            ready_timeout: READY_TIMEOUT,
+        }
+    }
+
+    /// Sets the pool size.
+    pub fn workers(mut self, workers: u32) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Serves another model, given as `(model.onnx, tokenizer.json)`.
+    pub fn model(mut self, (model, tokenizer): (PathBuf, PathBuf)) -> Self {
+        self.model = model;
+        self.tokenizer = tokenizer;
+        self
+    }
+
+    /// Uses this socket path instead of one in the daemon's temp dir.
+    pub fn socket(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.socket = Some(socket.into());
+        self
+    }
+
+    /// Sets `worker_binary`.
+    pub fn worker_binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.worker_binary = Some(path.into());
+        self
+    }
+
+    /// Sets `max_seq_len`.
+    pub fn max_seq_len(mut self, tokens: usize) -> Self {
+        self.max_seq_len = Some(tokens);
+        self
+    }
+
+    /// Sets `normalize`.
+    pub fn normalize(mut self, normalize: bool) -> Self {
+        self.normalize = Some(normalize);
+        self
+    }
+
+    /// Sets `queue_capacity`.
+    pub fn queue_capacity(mut self, capacity: u32) -> Self {
+        self.queue_capacity = Some(capacity);
+        self
+    }
+
+    /// Sets `max_frame_bytes`.
+    pub fn max_frame_bytes(mut self, bytes: u64) -> Self {
+        self.max_frame_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets `max_texts`.
+    pub fn max_texts(mut self, texts: u32) -> Self {
+        self.max_texts = Some(texts);
+        self
+    }
+
+    /// Sets `max_text_bytes`.
+    pub fn max_text_bytes(mut self, bytes: u64) -> Self {
+        self.max_text_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets `request_timeout_ms`.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout_ms = Some(millis(timeout));
+        self
+    }
+
+    /// Sets `default_deadline_ms`.
+    pub fn default_deadline(mut self, deadline: Duration) -> Self {
+        self.default_deadline_ms = Some(millis(deadline));
+        self
+    }
+
+    /// Sets `drain_timeout_ms`.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout_ms = Some(millis(timeout));
+        self
+    }
+
+    /// Enables `[chaos] crash_marker`: a worker given a text equal to
+    /// `marker` aborts.
+    pub fn crash_marker(mut self, marker: impl Into<String>) -> Self {
+        self.crash_marker = Some(marker.into());
+        self
+    }
+
+    /// Sets the daemon's `RUST_LOG`.
+    pub fn rust_log(mut self, filter: impl Into<String>) -> Self {
+        self.rust_log = filter.into();
+        self
+    }
+
+    /// Sets the bound on the wait for readiness.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// The config file's text for a daemon listening on `socket`.
+    pub fn to_toml(&self, socket: &Path) -> String {
+        let file = ConfigFile {
+            socket,
+            workers: self.workers,
+            model: &self.model,
+            tokenizer: &self.tokenizer,
+            worker_binary: self.worker_binary.as_deref(),
+            max_seq_len: self.max_seq_len,
+            normalize: self.normalize,
+            queue_capacity: self.queue_capacity,
+            max_frame_bytes: self.max_frame_bytes,
+            max_texts: self.max_texts,
+            max_text_bytes: self.max_text_bytes,
+            request_timeout_ms: self.request_timeout_ms,
+            default_deadline_ms: self.default_deadline_ms,
+            drain_timeout_ms: self.drain_timeout_ms,
+            chaos: self
+                .crash_marker
+                .as_deref()
+                .map(|m| Chaos { crash_marker: m }),
+        };
+        toml::to_string(&file).expect("the test config serialises to TOML")
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The TOML layout the daemon reads (keys exactly as it expects them).
+#[derive(Serialize)]
+struct ConfigFile<'a> {
+    socket: &'a Path,
+    workers: u32,
+    model: &'a Path,
+    tokenizer: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_binary: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_seq_len: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    normalize: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_capacity: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_frame_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_texts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_text_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default_deadline_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_timeout_ms: Option<u64>,
+    /// A table: must stay the last field so TOML puts it after the values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chaos: Option<Chaos<'a>>,
+}
+
+#[derive(Serialize)]
+struct Chaos<'a> {
+    crash_marker: &'a str,
+}
+
+/// Number of workers in state "ready".
+pub fn ready_count(status: &PoolStatus) -> usize {
+    status.workers.iter().filter(|w| w.state == "ready").count()
+}
+
+/// Pids of all workers in `status`.
+pub fn worker_pids(status: &PoolStatus) -> Vec<u32> {
+    status.workers.iter().map(|w| w.pid).collect()
+}
+
+/// A running `inferd`. Dropping it SIGKILLs the daemon and any worker it
+/// started that is still alive, and removes its temp dir (kept when
+/// `INFERD_TEST_KEEP` is set; the log tail is printed when the test panics).
+#[derive(Debug)]
+pub struct Daemon {
+    /// Holds the config, the log and (by default) the socket.
+    dir: tempfile::TempDir,
+    /// What the daemon was started with.
+    config: DaemonConfig,
+    /// The socket the daemon listens on.
+    socket: PathBuf,
+    /// The config file passed with `--config`.
+    config_path: PathBuf,
+    /// stdout and stderr of the daemon (and its workers), interleaved.
+    log_path: PathBuf,
+    /// The daemon process; a mutex so that `&self` methods can reap it.
+    child: Mutex<Child>,
+    /// The daemon's pid.
+    pid: u32,
+    /// Every worker pid any status answer showed, to clean up on drop.
+    seen_workers: Mutex<BTreeSet<u32>>,
+}
+
+impl Daemon {
+    /// Starts a daemon and waits (bounded) until its socket answers and
+    /// `config.workers` workers are "ready". Panics, with the daemon's log,
+    /// if it exits or is not ready in time.
+    pub async fn start(config: DaemonConfig) -> Daemon {
+        let daemon = Daemon::spawn(config);
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    /// Starts a daemon without waiting for it.
+    pub fn spawn(config: DaemonConfig) -> Daemon {
+        let inferd = binary("inferd");
+        // The worker binary must exist too, or every test fails obscurely.
+        let _ = binary("inferd-worker");
+        let dir = tempfile::Builder::new()
+            .prefix("inferd-e2e-")
+            .tempdir()
+            .expect("create a temp dir");
+        let socket = config
+            .socket
+            .clone()
+            .unwrap_or_else(|| dir.path().join("inferd.sock"));
+        let config_path = dir.path().join("inferd.toml");
+        std::fs::write(&config_path, config.to_toml(&socket)).expect("write the config file");
+        let log_path = dir.path().join("inferd.log");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("create the log file");
+        let log_err = log.try_clone().expect("clone the log file handle");
+        let child = Command::new(&inferd)
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", &config.rust_log)
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .env_remove("INFERD_SOCKET")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", inferd.display()));
+        let pid = child.id();
+        Daemon {
+            dir,
+            config,
+            socket,
+            config_path,
+            log_path,
+            child: Mutex::new(child),
+            pid,
+            seen_workers: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Waits (bounded by the config's `ready_timeout`) until the socket
+    /// answers status with `workers` workers in state "ready".
+    pub async fn wait_ready(&self) -> PoolStatus {
+        let want = self.config.workers as usize;
+        let deadline = Instant::now() + self.config.ready_timeout;
+        loop {
+            if let Some(status) = self.exit_status() {
+                panic!("inferd exited with {status} before its workers were ready");
+            }
+            let last = match self.try_status().await {
+                Ok(status) if ready_count(&status) == want => return status,
+                Ok(status) => format_status(&status),
+                Err(err) => format!("status failed: {err}"),
+            };
+            if Instant::now() >= deadline {
+                panic!(
+                    "inferd did not get {want} ready workers within {:?}; last status:\n{last}",
+                    self.config.ready_timeout,
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// The socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The daemon's temp dir.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// What the daemon was started with.
+    pub fn config(&self) -> &DaemonConfig {
+        &self.config
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A connected client; panics if connecting fails.
+    pub async fn client(&self) -> Client {
+        self.try_client()
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect a client: {e}"))
+    }
+
+    /// A connected client, or why not.
+    pub async fn try_client(&self) -> Result<Client, ClientError> {
+        Client::connect_as(&self.socket, "inferd-tests").await
+    }
+
+    /// A status snapshot over a fresh connection; panics on failure.
+    pub async fn status(&self) -> PoolStatus {
+        self.try_status()
+            .await
+            .unwrap_or_else(|e| panic!("status failed: {e}"))
+    }
+
+    /// A status snapshot over a fresh connection, or why not. Records the
+    /// worker pids it shows, for cleanup.
+    pub async fn try_status(&self) -> Result<PoolStatus, ClientError> {
+        let status = self.try_client().await?.status().await?;
+        lock(&self.seen_workers).extend(worker_pids(&status));
+        Ok(status)
+    }
+
+    /// Polls status until `pred` holds; panics with the last status and the
+    /// log at `timeout`. Failing status requests are retried until then.
+    pub async fn wait_for(
+        &self,
+        mut pred: impl FnMut(&PoolStatus) -> bool,
+        timeout: Duration,
+    ) -> PoolStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.try_status().await {
+                Ok(status) if pred(&status) => return status,
+                Ok(status) => format_status(&status),
+                Err(err) => format!("status failed: {err}"),
+            };
+            if Instant::now() >= deadline {
+                panic!("condition on the status not met within {timeout:?}; last status:\n{last}");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Polls the log until it contains `needle`; returns the log. Panics at
+    /// `timeout`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            if Instant::now() >= deadline {
+                panic!("the daemon log did not mention {needle:?} within {timeout:?}");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// The log so far (daemon and workers, stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: Signal) {
+        kill(pid_of(self.pid), signal)
+            .unwrap_or_else(|e| panic!("kill({}, {signal}) failed: {e}", self.pid));
+    }
+
+    /// Sends `signal` to the worker with pid `pid`.
+    pub fn signal_worker(&self, pid: u32, signal: Signal) {
+        kill(pid_of(pid), signal).unwrap_or_else(|e| panic!("kill({pid}, {signal}) failed: {e}"));
+    }
+
+    /// The daemon's exit status if it has exited (reaps it).
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        lock(&self.child)
+            .try_wait()
+            .expect("try_wait on the daemon")
+    }
+
+    /// Polls until the daemon exits; `None` if it still runs at `timeout`.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_INTERVAL.min(Duration::from_millis(10))).await;
+        }
+    }
+
+    /// An `inferctl` command aimed at this daemon's socket.
+    pub fn inferctl(&self) -> Command {
+        let mut cmd = Command::new(binary("inferctl"));
+        cmd.env("INFERD_SOCKET", &self.socket);
+        cmd
+    }
+
+    /// The last lines of the log, framed for a panic message.
+    pub fn log_report(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(120)..];
+        format!(
+            "---- inferd log ({}, last {} of {} lines) ----\n{}\n---- end of log ----",
+            self.log_path.display(),
+            tail.len(),
+            lines.len(),
+            tail.join("\n")
+        )
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Collect the workers before the daemon dies and they are reparented.
+        let mut workers = std::mem::take(
+            self.seen_workers
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        workers.extend(children_of(self.pid));
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in workers {
+            // Only ours: a recycled pid would now run something else.
+            let ours = comm(pid).is_some_and(|c| c.starts_with("inferd"));
+            if ours && pid_alive(pid) {
+                let _ = kill(pid_of(pid), Signal::SIGKILL);
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_report());
+        }
+        if std::env::var_os("INFERD_TEST_KEEP").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("keeping {}", self.dir.path().display());
+        }
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).expect("pids fit in an i32"))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_has_the_contract_keys() {
+        let config = DaemonConfig::with_model(("/m/model.onnx".into(), "/m/tokenizer.json".into()))
+            .workers(3)
+            .max_texts(8)
+            .request_timeout(Duration::from_secs(2))
+            .crash_marker("__crash__");
+        let text = config.to_toml(Path::new("/tmp/x/inferd.sock"));
+        let value: toml::Table = text.parse().expect("valid TOML");
+        assert_eq!(value["socket"].as_str(), Some("/tmp/x/inferd.sock"));
+        assert_eq!(value["workers"].as_integer(), Some(3));
+        assert_eq!(value["model"].as_str(), Some("/m/model.onnx"));
+        assert_eq!(value["tokenizer"].as_str(), Some("/m/tokenizer.json"));
+        assert_eq!(value["max_texts"].as_integer(), Some(8));
+        assert_eq!(value["request_timeout_ms"].as_integer(), Some(2000));
+        assert_eq!(value["chaos"]["crash_marker"].as_str(), Some("__crash__"));
+        assert!(
+            !value.contains_key("normalize"),
+            "unset keys stay out: {text}"
+        );
+    }
+}
