@@ -1,26 +1,228 @@
-//! Worker memory as procfs reports it.
+//! Worker memory as procfs reports it, behind a seam.
+//!
+//! The supervisor reads each worker's memory through [`MemorySource`]:
+//! [`ProcfsMemory`] in production, [`FakeMemory`] in policy tests, so the
+//! soft/hard limit logic can be driven deterministically.
+//!
+//! Three numbers, from cheap to expensive:
+//! * **RSS** (`/proc/PID/statm`): resident pages, shared ones counted in
+//!   full. One short read; taken every tick.
+//! * **PSS** (`/proc/PID/smaps_rollup`): each shared page divided by the
+//!   number of processes mapping it. Sums to the real total across workers
+//!   that share the mmapped model file.
+//! * **USS** (`Private_Clean + Private_Dirty` from the same file): what the
+//!   kernel would free if this worker exited.
+//!
+//! `smaps_rollup` walks every mapping under the process's mmap lock, so PSS
+//! and USS are only read when [`ProcfsMemory::new`] was asked for them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::unistd::Pid;
+
+/// One reading of a process's memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryUsage {
+    /// Resident set size: every resident page the process maps, shared pages
+    /// counted in full.
+    pub rss_bytes: u64,
+    /// Proportional set size; `None` unless detailed readings were asked for
+    /// (or the kernel has no `smaps_rollup`).
+    pub pss_bytes: Option<u64>,
+    /// Unique set size (private clean + private dirty); `None` like
+    /// [`Self::pss_bytes`].
+    pub uss_bytes: Option<u64>,
+}
+
+/// What the supervisor reads each worker's memory through; procfs in
+/// production, a fake in policy tests.
+pub trait MemorySource: Send + 'static {
+    /// Current memory of `pid`; `None` if the process is gone or its procfs
+    /// files are unreadable.
+    fn usage(&self, pid: Pid) -> Option<MemoryUsage>;
+}
+
+/// Reads `/proc/PID/statm`, and `/proc/PID/smaps_rollup` when detailed.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcfsMemory {
+    /// Whether to also read PSS and USS (costs a walk of every mapping).
+    detailed: bool,
+}
+
+impl ProcfsMemory {
+    /// A procfs reader; `detailed` adds PSS and USS to every reading.
+    pub fn new(detailed: bool) -> Self {
+        Self { detailed }
+    }
+}
+
+impl MemorySource for ProcfsMemory {
+    fn usage(&self, pid: Pid) -> Option<MemoryUsage> {
+        let process = procfs::process::Process::new(pid.as_raw()).ok()?;
+        let statm = process.statm().ok()?;
+        let mut usage = MemoryUsage {
+            rss_bytes: statm.resident * procfs::page_size(),
+            ..MemoryUsage::default()
+        };
+        if self.detailed {
+            // A failure here (old kernel, process just exited) still leaves a
+            // useful RSS reading.
+            if let Some((pss, uss)) = pss_and_uss(&process) {
+                usage.pss_bytes = Some(pss);
+                usage.uss_bytes = Some(uss);
+            }
+        }
+        Some(usage)
+    }
+}
+
+/// PSS and USS in bytes from `smaps_rollup` (procfs converts the `kB`
+/// values to bytes).
+fn pss_and_uss(process: &procfs::process::Process) -> Option<(u64, u64)> {
+    let rollup = process.smaps_rollup().ok()?;
+    let map = &rollup.memory_map_rollup.0.first()?.extension.map;
+    let pss = *map.get("Pss")?;
+    let private_clean = map.get("Private_Clean").copied().unwrap_or(0);
+    let private_dirty = map.get("Private_Dirty").copied().unwrap_or(0);
+    Some((pss, private_clean + private_dirty))
+}
 
 /// Resident set size of `pid` from `/proc/PID/statm`; `None` if the process
 /// is gone or procfs is unreadable.
 pub fn rss_bytes(pid: Pid) -> Option<u64> {
-    let process = procfs::process::Process::new(pid.as_raw()).ok()?;
-    let statm = process.statm().ok()?;
-    Some(statm.resident * procfs::page_size())
+    ProcfsMemory::new(false)
+        .usage(pid)
+        .map(|usage| usage.rss_bytes)
+}
+
+/// A [`MemorySource`] whose readings the test sets. Clones share the same
+/// table, so a test keeps one clone and hands the other to the pool.
+#[derive(Debug, Clone, Default)]
+pub struct FakeMemory {
+    /// Current reading per raw pid; a missing pid reads as gone.
+    usages: Arc<Mutex<HashMap<i32, MemoryUsage>>>,
+}
+
+impl FakeMemory {
+    /// An empty fake: every pid reads as gone.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the whole reading for `pid`.
+    pub fn set(&self, pid: Pid, usage: MemoryUsage) {
+        self.table().insert(pid.as_raw(), usage);
+    }
+
+    /// Sets the RSS of `pid`, keeping its PSS and USS (none if it had no
+    /// reading yet).
+    pub fn set_rss(&self, pid: Pid, bytes: u64) {
+        self.table().entry(pid.as_raw()).or_default().rss_bytes = bytes;
+    }
+
+    /// Makes `pid` read as gone.
+    pub fn remove(&self, pid: Pid) {
+        self.table().remove(&pid.as_raw());
+    }
+
+    /// The table; a panic in another test thread must not poison the fake.
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<i32, MemoryUsage>> {
+        self.usages.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl MemorySource for FakeMemory {
+    fn usage(&self, pid: Pid) -> Option<MemoryUsage> {
+        self.table().get(&pid.as_raw()).copied()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MIB: u64 = 1024 * 1024;
+
     #[test]
     fn reads_own_rss_and_none_for_missing_pid() {
         let own = rss_bytes(nix::unistd::getpid()).expect("own statm readable");
         assert!(
-            own > 1024 * 1024,
+            own > MIB,
             "a test process has more than 1 MiB resident: {own}"
         );
         assert_eq!(rss_bytes(Pid::from_raw(i32::MAX)), None);
+    }
+
+    #[test]
+    fn cheap_reading_has_no_pss_or_uss() {
+        let usage = ProcfsMemory::new(false)
+            .usage(nix::unistd::getpid())
+            .expect("own statm readable");
+        assert!(usage.rss_bytes > MIB, "{usage:?}");
+        assert_eq!((usage.pss_bytes, usage.uss_bytes), (None, None));
+    }
+
+    #[test]
+    fn detailed_reading_has_sane_pss_and_uss() {
+        let usage = ProcfsMemory::new(true)
+            .usage(nix::unistd::getpid())
+            .expect("own statm readable");
+        println!("own memory: {usage:?}");
+        let pss = usage.pss_bytes.expect("this kernel has smaps_rollup");
+        let uss = usage.uss_bytes.expect("USS comes with PSS");
+        assert!(usage.rss_bytes > MIB, "{usage:?}");
+        assert!(uss > 0, "a test process has private pages: {usage:?}");
+        // PSS = private + a share of each shared page, so never below USS
+        // (both come from one read of smaps_rollup).
+        assert!(uss <= pss, "USS <= PSS: {usage:?}");
+        // RSS was read a moment earlier from statm; other test threads may
+        // have allocated in between, hence the slack.
+        assert!(pss <= usage.rss_bytes + 64 * MIB, "PSS <= RSS: {usage:?}");
+    }
+
+    #[test]
+    fn detailed_reading_of_missing_pid_is_none() {
+        assert_eq!(ProcfsMemory::new(true).usage(Pid::from_raw(i32::MAX)), None);
+    }
+
+    #[test]
+    fn fake_memory_is_shared_between_clones() {
+        let fake = FakeMemory::new();
+        let pool_side: Box<dyn MemorySource> = Box::new(fake.clone());
+        let pid = Pid::from_raw(42);
+        assert_eq!(pool_side.usage(pid), None);
+
+        fake.set_rss(pid, 100 * MIB);
+        assert_eq!(
+            pool_side.usage(pid),
+            Some(MemoryUsage {
+                rss_bytes: 100 * MIB,
+                pss_bytes: None,
+                uss_bytes: None
+            })
+        );
+
+        let detailed = MemoryUsage {
+            rss_bytes: 300 * MIB,
+            pss_bytes: Some(200 * MIB),
+            uss_bytes: Some(150 * MIB),
+        };
+        fake.set(pid, detailed);
+        assert_eq!(pool_side.usage(pid), Some(detailed));
+
+        fake.set_rss(pid, 310 * MIB);
+        assert_eq!(
+            pool_side.usage(pid),
+            Some(MemoryUsage {
+                rss_bytes: 310 * MIB,
+                ..detailed
+            }),
+            "set_rss keeps PSS and USS"
+        );
+        assert_eq!(pool_side.usage(Pid::from_raw(43)), None);
+
+        fake.remove(pid);
+        assert_eq!(pool_side.usage(pid), None);
     }
 }
