@@ -207,7 +207,7 @@ impl RequestLimits {
 }
 
 /// Snapshot of the pool, for `inferctl status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PoolStatus {
     /// Supervisor pid.
     pub pid: u32,
@@ -225,25 +225,61 @@ pub struct PoolStatus {
     pub queue_capacity: u32,
     /// Why the pool cannot serve, if it cannot (e.g. workers fail to load).
     pub unavailable_reason: Option<String>,
+    /// Per-worker graceful recycle threshold, if set.
+    pub soft_limit_bytes: Option<u64>,
+    /// Per-worker kill threshold (and cgroup limit), if set.
+    pub hard_limit_bytes: Option<u64>,
+    /// Per-worker cgroups: in use where, or why not.
+    pub cgroups: String,
+    /// The latest worker exits, oldest first.
+    pub recent_exits: Vec<ExitRecord>,
     /// Cumulative counters.
     pub counters: Counters,
 }
 
-/// One worker in [`PoolStatus`].
+/// One worker exit, as classified by the supervisor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// The worker's id.
+    pub worker_id: u64,
+    /// Its pid.
+    pub pid: u32,
+    /// Classified end kind (as in [`Counters::worker_exits`]).
+    pub kind: String,
+    /// The end in words, with its reason.
+    pub description: String,
+    /// Requests it answered.
+    pub requests_served: u64,
+    /// How long it lived, in seconds.
+    pub age_secs: f64,
+    /// Supervisor uptime at the exit, in seconds.
+    pub uptime_at_exit_secs: f64,
+}
+
+/// One worker in [`PoolStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStatus {
     /// Supervisor-assigned id, never reused.
     pub id: u64,
     /// Process id.
     pub pid: u32,
-    /// Lifecycle state name (starting, ready, busy, stopping, exiting).
+    /// Lifecycle state name (starting, ready, busy, draining, stopping,
+    /// exiting).
     pub state: String,
     /// Resident set size in bytes, if procfs could be read.
     pub rss_bytes: Option<u64>,
+    /// Proportional set size, when the memory metric reads smaps_rollup.
+    pub pss_bytes: Option<u64>,
+    /// Unique set size, when the memory metric reads smaps_rollup.
+    pub uss_bytes: Option<u64>,
     /// Requests this worker answered.
     pub requests_served: u64,
     /// Seconds since spawn.
     pub age_secs: f64,
+    /// Its memory cgroup directory, if it has its own.
+    pub cgroup: Option<String>,
+    /// Set while it starts up to replace the worker with this id.
+    pub replaces: Option<u64>,
 }
 
 /// Cumulative pool counters.
@@ -261,6 +297,8 @@ pub struct Counters {
     pub poison_rejections: u64,
     /// Workers spawned.
     pub workers_spawned: u64,
+    /// Graceful recycles started, by trigger (soft_limit, max_requests, ...).
+    pub recycles: BTreeMap<String, u64>,
     /// Worker exits by classified end kind.
     pub worker_exits: BTreeMap<String, u64>,
 }
@@ -268,10 +306,17 @@ pub struct Counters {
 /// Test-and-demo behaviours of a worker. All off by default; never enable in
 /// production.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ChaosOptions {
     /// Abort the worker process (SIGABRT) when a request contains a text
     /// equal to this marker.
     pub crash_marker: Option<String>,
+    /// Hang (sleep forever, never answer) when a request contains a text
+    /// equal to this marker.
+    pub hang_marker: Option<String>,
+    /// Keep this many bytes (written, so resident) after every request: a
+    /// simulated leak.
+    pub leak_bytes_per_request: u64,
 }
 
 /// Everything a worker needs to load its model.
@@ -387,6 +432,8 @@ mod tests {
             limits: RequestLimits::default(),
             chaos: ChaosOptions {
                 crash_marker: Some("boom".into()),
+                hang_marker: None,
+                leak_bytes_per_request: 1 << 20,
             },
         }));
         round_trip(WorkerEvent::Rejected {
@@ -403,12 +450,28 @@ mod tests {
                 pid: 2,
                 state: "ready".into(),
                 rss_bytes: Some(1 << 20),
+                pss_bytes: None,
+                uss_bytes: None,
                 requests_served: 3,
                 age_secs: 1.5,
+                cgroup: Some("/sys/fs/cgroup/x".into()),
+                replaces: None,
             }],
             queue_depth: 0,
             queue_capacity: 10,
             unavailable_reason: None,
+            soft_limit_bytes: Some(1 << 28),
+            hard_limit_bytes: None,
+            cgroups: "v1".into(),
+            recent_exits: vec![ExitRecord {
+                worker_id: 1,
+                pid: 9,
+                kind: "oom_killed".into(),
+                description: "OOM".into(),
+                requests_served: 4,
+                age_secs: 2.0,
+                uptime_at_exit_secs: 3.0,
+            }],
             counters: Counters::default(),
         });
     }

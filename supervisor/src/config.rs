@@ -5,9 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use clap::Parser;
 use inferd_proto::{ChaosOptions, RequestLimits, DEFAULT_MAX_FRAME_BYTES};
 use serde::Deserialize;
+
+/// Smallest accepted memory limit: a loaded worker needs far more.
+const MIN_MEMORY_LIMIT: ByteSize = ByteSize::mib(16);
 
 /// Command-line flags of `inferd`. Flags override the config file.
 #[derive(Parser, Debug, Default, Clone)]
@@ -41,6 +45,15 @@ pub struct Args {
     /// A worker running one request longer than this is killed (ms).
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
+    /// Recycle a worker gracefully above this much memory ("1.5GiB").
+    #[arg(long)]
+    pub soft_limit: Option<ByteSize>,
+    /// Kill a worker above this much memory; also its cgroup limit ("2GiB").
+    #[arg(long)]
+    pub hard_limit: Option<ByteSize>,
+    /// Recycle a worker after about this many requests.
+    #[arg(long)]
+    pub max_requests: Option<u64>,
 }
 
 /// The resolved configuration. Field names are the TOML keys.
@@ -79,8 +92,63 @@ pub struct Config {
     pub startup_timeout_ms: u64,
     /// On SIGTERM, how long queued and in-flight requests may take (ms).
     pub drain_timeout_ms: u64,
+    /// Memory above this (per worker, `memory_metric`): graceful recycle.
+    pub soft_limit: Option<ByteSize>,
+    /// Memory above this: SIGKILL at once. With cgroups, also the kernel
+    /// limit of the worker's leaf, so the OOM killer stays inside it.
+    pub hard_limit: Option<ByteSize>,
+    /// Which memory figure the limits apply to.
+    pub memory_metric: MemoryMetric,
+    /// How often worker memory is read (also after every answer) (ms).
+    pub memory_check_interval_ms: u64,
+    /// Recycle a worker after this many requests (plus its stagger).
+    pub max_requests: Option<u64>,
+    /// Up to this many extra requests per worker, spread over the workers
+    /// so they do not reach `max_requests` together.
+    pub max_requests_jitter: u64,
+    /// Recycle a worker after this long (s).
+    pub max_lifetime_secs: Option<u64>,
+    /// No graceful recycle of a worker younger than this (ms): anti-flapping.
+    pub min_lifetime_ms: u64,
+    /// Most graceful recycles in progress at once.
+    pub max_concurrent_recycles: u32,
+    /// A recycled worker gets this long to finish its request and exit (ms).
+    pub recycle_drain_timeout_ms: u64,
+    /// Per-worker memory cgroups: "auto" (use them where possible), "off".
+    pub cgroups: CgroupMode,
+    /// Parent cgroup directory to create worker leaves in (default: the
+    /// supervisor's own memory cgroup).
+    pub cgroup_parent: Option<PathBuf>,
+    /// Crash-loop guard: more than this many unexpected worker exits...
+    pub max_restarts: u32,
+    /// ...within this many seconds slow restarts down (exponential backoff).
+    pub restart_period_secs: u64,
     /// Test-only worker behaviours; never enable in production.
     pub chaos: ChaosOptions,
+}
+
+/// The memory figure compared with the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMetric {
+    /// Resident set size (`/proc/PID/statm`): cheap, counts shared pages.
+    #[default]
+    Rss,
+    /// Proportional set size (`smaps_rollup`): shared pages split fairly.
+    Pss,
+    /// Unique set size (`smaps_rollup` private pages): what exiting frees.
+    Uss,
+}
+
+/// Whether workers get their own memory cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// Where the supervisor can create cgroups; otherwise procfs only.
+    #[default]
+    Auto,
+    /// Never; procfs polling only.
+    Off,
 }
 
 impl Default for Config {
@@ -102,6 +170,20 @@ impl Default for Config {
             default_deadline_ms: 60_000,
             startup_timeout_ms: 60_000,
             drain_timeout_ms: 30_000,
+            soft_limit: None,
+            hard_limit: None,
+            memory_metric: MemoryMetric::Rss,
+            memory_check_interval_ms: 1000,
+            max_requests: None,
+            max_requests_jitter: 0,
+            max_lifetime_secs: None,
+            min_lifetime_ms: 5_000,
+            max_concurrent_recycles: 1,
+            recycle_drain_timeout_ms: 30_000,
+            cgroups: CgroupMode::Auto,
+            cgroup_parent: None,
+            max_restarts: 5,
+            restart_period_secs: 60,
             chaos: ChaosOptions::default(),
         }
     }
@@ -178,6 +260,9 @@ impl Config {
             worker_binary,
             queue_capacity,
             request_timeout_ms,
+            soft_limit,
+            hard_limit,
+            max_requests,
         } = args.clone();
         if let Some(v) = socket {
             self.socket = v;
@@ -199,6 +284,15 @@ impl Config {
         }
         if let Some(v) = request_timeout_ms {
             self.request_timeout_ms = v;
+        }
+        if soft_limit.is_some() {
+            self.soft_limit = soft_limit;
+        }
+        if hard_limit.is_some() {
+            self.hard_limit = hard_limit;
+        }
+        if max_requests.is_some() {
+            self.max_requests = max_requests;
         }
     }
 
@@ -250,10 +344,38 @@ impl Config {
             ("default_deadline_ms", self.default_deadline_ms),
             ("startup_timeout_ms", self.startup_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
+            ("memory_check_interval_ms", self.memory_check_interval_ms),
+            ("recycle_drain_timeout_ms", self.recycle_drain_timeout_ms),
+            ("restart_period_secs", self.restart_period_secs),
         ] {
             if ms == 0 {
                 return invalid(key, "must be greater than 0");
             }
+        }
+        if let (Some(soft), Some(hard)) = (self.soft_limit, self.hard_limit) {
+            if soft >= hard {
+                return invalid(
+                    "soft_limit",
+                    &format!("{soft} must be below hard_limit ({hard})"),
+                );
+            }
+        }
+        for (key, limit) in [
+            ("soft_limit", self.soft_limit),
+            ("hard_limit", self.hard_limit),
+        ] {
+            if limit.is_some_and(|l| l < MIN_MEMORY_LIMIT) {
+                return invalid(key, &format!("must be at least {MIN_MEMORY_LIMIT}"));
+            }
+        }
+        if self.max_requests == Some(0) || self.max_lifetime_secs == Some(0) {
+            return invalid(
+                "max_requests",
+                "max_requests and max_lifetime_secs must be at least 1 when set",
+            );
+        }
+        if self.max_concurrent_recycles == 0 {
+            return invalid("max_concurrent_recycles", "must be at least 1");
         }
         Ok(())
     }
@@ -293,6 +415,31 @@ impl Config {
         Duration::from_millis(self.startup_timeout_ms)
     }
 
+    /// See [`Config::memory_check_interval_ms`].
+    pub fn memory_check_interval(&self) -> Duration {
+        Duration::from_millis(self.memory_check_interval_ms)
+    }
+
+    /// See [`Config::min_lifetime_ms`].
+    pub fn min_lifetime(&self) -> Duration {
+        Duration::from_millis(self.min_lifetime_ms)
+    }
+
+    /// See [`Config::recycle_drain_timeout_ms`].
+    pub fn recycle_drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.recycle_drain_timeout_ms)
+    }
+
+    /// See [`Config::max_lifetime_secs`].
+    pub fn max_lifetime(&self) -> Option<Duration> {
+        self.max_lifetime_secs.map(Duration::from_secs)
+    }
+
+    /// See [`Config::restart_period_secs`].
+    pub fn restart_period(&self) -> Duration {
+        Duration::from_secs(self.restart_period_secs)
+    }
+
     /// See [`Config::drain_timeout_ms`].
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
@@ -328,6 +475,27 @@ mod tests {
         assert_eq!(config.tokenizer, PathBuf::from("/m/tokenizer.json"));
         assert_eq!(config.worker_binary.file_name().unwrap(), "inferd-worker");
         assert_eq!(config.socket_mode_bits().unwrap(), 0o660);
+    }
+
+    #[test]
+    fn memory_limits_take_units() {
+        let config = load_toml(
+            "model = \"/m\"\nsoft_limit = \"1.5GiB\"\nhard_limit = \"2 GiB\"\n[chaos]\nleak_bytes_per_request = 1024\n",
+            Args::default(),
+        )
+        .unwrap();
+        assert_eq!(config.soft_limit, Some(ByteSize::mib(1536)));
+        assert_eq!(config.hard_limit, Some(ByteSize::gib(2)));
+        assert_eq!(config.chaos.leak_bytes_per_request, 1024);
+        let err = load_toml(
+            "model = \"/m\"\nsoft_limit = \"2GiB\"\nhard_limit = \"1GiB\"\n",
+            Args::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("soft_limit"), "{err}");
+        let err =
+            load_toml("model = \"/m\"\nsoft_limit = \"lots\"\n", Args::default()).unwrap_err();
+        assert!(err.to_string().contains("soft_limit"), "{err}");
     }
 
     #[test]

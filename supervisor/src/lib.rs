@@ -7,9 +7,11 @@
 //! every task watches; the pool then drains and stops its workers, and the
 //! socket file is removed when the listener is dropped.
 
+pub mod cgroup;
 pub mod config;
 pub mod listener;
 pub mod memory;
+pub mod policy;
 pub mod pool;
 pub mod process;
 pub mod request;
@@ -75,7 +77,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let shutdown = CancellationToken::new();
     let (pool_tx, pool_rx) = mpsc::channel(POOL_CHANNEL);
-    let mut pool_task = tokio::spawn(pool::Pool::run(config.clone(), pool_rx, shutdown.clone()));
+    let seams = pool::Seams {
+        memory: Box::new(memory::ProcfsMemory::new(
+            config.memory_metric != config::MemoryMetric::Rss,
+        )),
+        ..prepare_cgroups(&config)
+    };
+    let mut pool_task = tokio::spawn(pool::Pool::run(
+        config.clone(),
+        seams,
+        pool_rx,
+        shutdown.clone(),
+    ));
     let connections = TaskTracker::new();
     info!(workers = config.workers, model = %config.model.display(), "inferd started");
 
@@ -123,5 +136,44 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             Err(err.into())
         }
         Err(join) => Err(DaemonError::PoolPanicked(join)),
+    }
+}
+
+/// Sets up per-worker cgroups as configured and says once, in the log, what
+/// the pool will rely on. Leaves carry the hard limit, so without one there
+/// is nothing for them to enforce.
+fn prepare_cgroups(config: &Config) -> pool::Seams {
+    let none = |summary: String| pool::Seams {
+        memory: Box::new(memory::FakeMemory::new()),
+        cgroups: None,
+        cgroup_summary: summary,
+    };
+    if config.cgroups == config::CgroupMode::Off {
+        info!("per-worker cgroups off (cgroups = \"off\"); memory limits are enforced from procfs");
+        return none("off (configured)".into());
+    }
+    if config.hard_limit.is_none() {
+        return none("not used: no hard_limit set".into());
+    }
+    let support = cgroup::detect(config.cgroup_parent.as_deref());
+    match support.prepare() {
+        Ok(cgroups) => {
+            let summary = format!(
+                "{:?} under {}",
+                cgroups.version(),
+                cgroups.parent().display()
+            );
+            info!(cgroups = %summary, "each worker gets its own memory cgroup limited to hard_limit");
+            pool::Seams {
+                memory: Box::new(memory::FakeMemory::new()),
+                cgroups: Some(cgroups),
+                cgroup_summary: summary,
+            }
+        }
+        Err(err) => {
+            let reason = inferd_proto::error_chain(&err);
+            warn!(%reason, "no per-worker cgroups; hard_limit is enforced from procfs polling and OOM kills can only be \"likely\"");
+            none(format!("unavailable: {reason}"))
+        }
     }
 }

@@ -12,33 +12,37 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use inferd_proto::{
-    Counters, EmbedResult, PoolStatus, RequestError, WorkerConfig, WorkerEvent, WorkerStatus,
+    Counters, EmbedResult, ExitRecord, PoolStatus, RequestError, WorkerConfig, WorkerEvent,
+    WorkerStatus,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::cgroup::{self, Cgroups, Leaf};
 use crate::config::Config;
-use crate::process::{self, KillReason, RetireReason, WorkerEnd};
+use crate::memory::MemorySource;
+use crate::policy::{RecyclePolicy, RestartPacer, Verdict, WorkerFacts};
+use crate::process::{self, KillReason, OomEvidence, RetireReason, WorkerEnd};
 use crate::request::{Request, Responder};
 use crate::worker::{IoEvent, Worker, WorkerState};
 
 /// How often deadlines, stuck workers and missed reaps are checked.
 const TICK: Duration = Duration::from_millis(100);
-/// A worker asked to exit gets this long before SIGKILL.
+/// A worker asked to exit (after its last request) gets this long before
+/// SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A worker whose socket closed gets this long to exit before SIGKILL.
 const LOST_GRACE: Duration = Duration::from_secs(2);
 /// A request in flight at this many worker deaths is poison.
 const MAX_DEATHS: u32 = 2;
-/// First restart delay after a failed start; doubles per failure.
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-/// Longest restart delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Worker exits kept for status.
+const RECENT_EXITS: usize = 16;
 /// Consecutive failed starts (with no worker Ready) after which requests are
 /// answered `unavailable` instead of waiting.
 const UNAVAILABLE_AFTER: u32 = 3;
@@ -83,15 +87,14 @@ enum Phase {
     },
 }
 
-/// Restart pacing after failed starts.
-#[derive(Debug)]
-struct StartupHealth {
-    /// Failed starts since the last worker became Ready.
-    consecutive_failures: u32,
-    /// No spawn before this.
-    next_spawn_at: Instant,
-    /// Why the last start failed, for status and `unavailable` answers.
-    last_error: Option<String>,
+/// The pool's windows on the OS, injected so tests can replace them.
+pub struct Seams {
+    /// Where worker memory is read.
+    pub memory: Box<dyn MemorySource>,
+    /// Where worker cgroup leaves are made; `None`: no per-worker cgroups.
+    pub cgroups: Option<Cgroups>,
+    /// One line on the cgroup situation, for status.
+    pub cgroup_summary: String,
 }
 
 /// The pool task's state.
@@ -111,7 +114,15 @@ pub struct Pool {
     /// Given to each worker's IO task.
     io_events: mpsc::UnboundedSender<(u64, IoEvent)>,
     /// Restart pacing.
-    startup: StartupHealth,
+    pacer: RestartPacer,
+    /// Recycle and kill decisions.
+    policy: RecyclePolicy,
+    /// Memory readings and cgroups.
+    seams: Seams,
+    /// Last periodic memory check.
+    last_memory_check: Instant,
+    /// Latest worker exits, newest last.
+    recent_exits: VecDeque<ExitRecord>,
     /// Running or draining.
     phase: Phase,
     /// Pool start, for uptime.
@@ -123,6 +134,7 @@ impl Pool {
     /// `shutdown` starts the drain.
     pub async fn run(
         config: Arc<Config>,
+        seams: Seams,
         mut requests: mpsc::Receiver<PoolMsg>,
         shutdown: CancellationToken,
     ) -> Result<(), PoolError> {
@@ -130,20 +142,20 @@ impl Pool {
         let (io_events, mut io_rx) = mpsc::unbounded_channel();
         let now = Instant::now();
         let mut pool = Pool {
-            config,
             workers: BTreeMap::new(),
             queue: VecDeque::new(),
             counters: Counters::default(),
             next_worker_id: 1,
             next_request_id: 1,
             io_events,
-            startup: StartupHealth {
-                consecutive_failures: 0,
-                next_spawn_at: now,
-                last_error: None,
-            },
+            pacer: RestartPacer::new(config.max_restarts, config.restart_period(), now),
+            policy: RecyclePolicy::from_config(&config),
+            seams,
+            last_memory_check: now,
+            recent_exits: VecDeque::new(),
             phase: Phase::Running,
             started: now,
+            config,
         };
         pool.ensure_workers(now);
         let mut tick = tokio::time::interval(TICK);
@@ -275,8 +287,10 @@ impl Pool {
             }) => {
                 if worker.mark_ready(now) {
                     info!(worker_id, pid, %model, dims, load_ms, "worker ready");
-                    self.startup.consecutive_failures = 0;
-                    self.startup.last_error = None;
+                    self.pacer.started();
+                    if let Some((old_id, reason)) = worker.replaces.take() {
+                        self.hand_over(old_id, worker_id, reason, now);
+                    }
                 } else {
                     warn!(
                         worker_id,
@@ -289,7 +303,7 @@ impl Pool {
             }
             IoEvent::Event(WorkerEvent::LoadFailed { reason }) => {
                 error!(worker_id, pid, %reason, "worker could not load the model");
-                self.startup.last_error = Some(reason);
+                worker.load_error = Some(reason);
             }
             IoEvent::Event(WorkerEvent::Embedded { request_id, result }) => {
                 self.complete(worker_id, request_id, Ok(result), now);
@@ -332,9 +346,12 @@ impl Pool {
             return;
         };
         match worker.complete(request_id, now) {
-            Ok(Some(request)) => self.finish(request, result, now),
+            Ok(Some(request)) => {
+                self.finish(request, result, now);
+                self.judge_worker(worker_id, now);
+            }
             // Answered already (its deadline passed while it ran).
-            Ok(None) => {}
+            Ok(None) => self.judge_worker(worker_id, now),
             Err(err) => {
                 warn!(worker_id, pid = worker.pid.as_raw(), error = %err, "protocol violation; killing");
                 self.kill(worker_id, KillReason::ProtocolViolation, now);
@@ -355,7 +372,9 @@ impl Pool {
                     let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
                     self.finish(request, Err(RequestError::Timeout { elapsed_ms }), now);
                 }
-                KillReason::DrainDeadline => {
+                // Only a shutdown gives up on the request; a recycle's drain
+                // deadline retries it like any other death.
+                KillReason::DrainDeadline if matches!(self.phase, Phase::Draining { .. }) => {
                     self.finish(request, Err(RequestError::ShuttingDown), now)
                 }
                 _ => self.fail_over(request, worker_id, now),
@@ -398,9 +417,9 @@ impl Pool {
             let Some(worker) = self.workers.get(&worker_id) else {
                 continue;
             };
-            let end = match process::try_reap(worker.pid) {
+            let report = match process::try_reap(worker.pid) {
                 Ok(None) => continue,
-                Ok(Some(report)) => Some(WorkerEnd::classify(report, worker.intent())),
+                Ok(Some(report)) => Some(report),
                 Err(errno) => {
                     error!(worker_id, pid = worker.pid.as_raw(), %errno, "cannot wait for worker; forgetting it");
                     None
@@ -409,7 +428,14 @@ impl Pool {
             let Some(mut worker) = self.workers.remove(&worker_id) else {
                 continue;
             };
+            let end = report
+                .map(|report| WorkerEnd::classify(report, worker.intent(), oom_evidence(&worker)));
             self.on_exit(&mut worker, end, now);
+            if let Some(leaf) = worker.leaf.take() {
+                if let Err(err) = leaf.remove() {
+                    warn!(worker_id, error = %inferd_proto::error_chain(&err), "cannot remove the worker's cgroup");
+                }
+            }
         }
         self.ensure_workers(now);
         self.dispatch(now);
@@ -424,40 +450,60 @@ impl Pool {
             .or_default() += 1;
         let description = end.map_or_else(|| "unknown".to_owned(), |end| end.to_string());
         let age_s = now.duration_since(worker.spawned).as_secs_f64();
-        let (worker_id, pid) = (worker.id, worker.pid.as_raw());
-        match end {
-            Some(WorkerEnd::Retired { .. }) => {
-                info!(worker_id, pid, end = %description, kind, served = worker.requests_served, age_s, "worker exited")
-            }
-            _ => {
-                warn!(worker_id, pid, end = %description, kind, served = worker.requests_served, age_s, "worker exited")
-            }
+        let (worker_id, pid, served) = (worker.id, worker.pid.as_raw(), worker.requests_served);
+        let rss_mib = worker.memory.map(|m| m.rss_bytes >> 20);
+        if matches!(end, Some(WorkerEnd::Retired { .. })) {
+            info!(worker_id, pid, end = %description, kind, served, age_s, "worker exited");
+        } else {
+            warn!(worker_id, pid, end = %description, kind, served, age_s, last_rss_mib = ?rss_mib, "worker exited");
         }
+        if self.recent_exits.len() == RECENT_EXITS {
+            self.recent_exits.pop_front();
+        }
+        self.recent_exits.push_back(ExitRecord {
+            worker_id,
+            pid: pid as u32,
+            kind: kind.to_owned(),
+            description,
+            requests_served: served,
+            age_secs: age_s,
+            uptime_at_exit_secs: now.duration_since(self.started).as_secs_f64(),
+        });
         if let Some(request) = worker.take_request() {
             self.fail_over(request, worker.id, now);
         }
-        if worker.ready_at.is_none() && matches!(self.phase, Phase::Running) {
-            let reason = self
-                .startup
-                .last_error
-                .clone()
-                .unwrap_or_else(|| format!("worker {description} before it was ready"));
+        if let Some((old_id, reason)) = worker.replaces {
+            warn!(worker_id, old_worker_id = old_id, %reason, "replacement died before it was ready; recycle abandoned");
+        }
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        if worker.ready_at.is_none() {
+            let reason = worker
+                .load_error
+                .take()
+                .unwrap_or_else(|| format!("worker {kind} before it was ready"));
             self.start_failed(reason, now);
+        } else if end.is_some_and(|end| !end.was_requested()) {
+            if let Some(delay) = self.pacer.unexpected_exit(now) {
+                error!(
+                    max_restarts = self.config.max_restarts,
+                    period_s = self.config.restart_period_secs,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "workers keep dying: slowing restarts down"
+                );
+            }
         }
     }
 
     fn start_failed(&mut self, reason: String, now: Instant) {
-        self.startup.consecutive_failures += 1;
-        let exponent = self.startup.consecutive_failures.saturating_sub(1).min(16);
-        let delay = BACKOFF_BASE.saturating_mul(1 << exponent).min(BACKOFF_MAX);
-        self.startup.next_spawn_at = now + delay;
+        let delay = self.pacer.start_failed(reason.clone(), now);
         error!(
-            failures = self.startup.consecutive_failures,
+            failures = self.pacer.failures_in_a_row(),
             retry_in_ms = delay.as_millis() as u64,
             %reason,
             "worker failed to start"
         );
-        self.startup.last_error = Some(reason);
         if let Some(reason) = self.unavailable() {
             while let Some(request) = self.queue.pop_front() {
                 self.finish(
@@ -473,20 +519,14 @@ impl Pool {
 
     /// Why the pool cannot serve now, if workers keep failing to start.
     fn unavailable(&self) -> Option<String> {
-        let serving = self
-            .workers
-            .values()
-            .any(|w| matches!(w.state(), WorkerState::Ready { .. } | WorkerState::Busy(_)));
-        if serving || self.startup.consecutive_failures < UNAVAILABLE_AFTER {
+        let serving = self.workers.values().any(Worker::is_serving);
+        if serving || self.pacer.failures_in_a_row() < UNAVAILABLE_AFTER {
             return None;
         }
         Some(format!(
             "workers fail to start ({} attempts in a row): {}",
-            self.startup.consecutive_failures,
-            self.startup
-                .last_error
-                .as_deref()
-                .unwrap_or("unknown reason")
+            self.pacer.failures_in_a_row(),
+            self.pacer.last_error().unwrap_or("unknown reason")
         ))
     }
 
@@ -498,30 +538,64 @@ impl Pool {
             }
         }
         while self.workers.values().filter(|w| w.is_live()).count() < self.config.workers as usize {
-            if now < self.startup.next_spawn_at {
+            if !self.pacer.may_spawn(now) || self.spawn(None, now).is_none() {
                 return;
             }
-            let worker_id = self.next_worker_id;
-            self.next_worker_id += 1;
-            let spawned = process::spawn_worker(&self.config.worker_binary).and_then(|spawned| {
-                Worker::start(
-                    worker_id,
-                    spawned,
-                    self.worker_config(worker_id),
-                    self.io_events.clone(),
-                    now,
-                )
-            });
-            match spawned {
-                Ok(worker) => {
-                    info!(worker_id, pid = worker.pid.as_raw(), "worker spawned");
-                    self.counters.workers_spawned += 1;
-                    self.workers.insert(worker_id, worker);
-                }
-                Err(err) => {
-                    self.start_failed(inferd_proto::error_chain(&err), now);
-                    return;
-                }
+        }
+    }
+
+    /// Starts one worker (in its own cgroup leaf where possible); `replaces`
+    /// marks it as the replacement in a recycle. Returns its id.
+    fn spawn(&mut self, replaces: Option<(u64, RetireReason)>, now: Instant) -> Option<u64> {
+        let worker_id = self.next_worker_id;
+        self.next_worker_id += 1;
+        let spawned = match process::spawn_worker(&self.config.worker_binary) {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                self.start_failed(inferd_proto::error_chain(&err), now);
+                return None;
+            }
+        };
+        let pid = spawned.pid;
+        // Into the leaf before the Start frame: the model's pages must be
+        // charged to the worker's own cgroup.
+        let leaf = self.place_in_cgroup(worker_id, pid);
+        match Worker::start(
+            worker_id,
+            spawned,
+            leaf,
+            self.worker_config(worker_id),
+            self.io_events.clone(),
+            now,
+        ) {
+            Ok(mut worker) => {
+                info!(worker_id, pid = pid.as_raw(), cgroup = ?worker.leaf.as_ref().map(Leaf::path), "worker spawned");
+                worker.replaces = replaces;
+                self.counters.workers_spawned += 1;
+                self.workers.insert(worker_id, worker);
+                Some(worker_id)
+            }
+            Err(err) => {
+                let _ = process::sigkill(pid);
+                self.start_failed(inferd_proto::error_chain(&err), now);
+                None
+            }
+        }
+    }
+
+    fn place_in_cgroup(&self, worker_id: u64, pid: nix::unistd::Pid) -> Option<Leaf> {
+        let cgroups = self.seams.cgroups.as_ref()?;
+        let limit = self.config.hard_limit?.as_u64();
+        // The supervisor pid keeps leaves of daemons sharing a parent apart.
+        let name = format!("inferd-{}-worker-{worker_id}", std::process::id());
+        let placed = cgroups
+            .create_leaf(&name, limit)
+            .and_then(|leaf| leaf.add_process(pid).map(|()| leaf));
+        match placed {
+            Ok(leaf) => Some(leaf),
+            Err(err) => {
+                warn!(worker_id, error = %inferd_proto::error_chain(&err), "cannot place worker in its own cgroup; relying on procfs limits");
+                None
             }
         }
     }
@@ -538,10 +612,112 @@ impl Pool {
         }
     }
 
+    /// Reads one worker's memory and acts on the policy's verdict.
+    fn judge_worker(&mut self, worker_id: u64, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&worker_id) else {
+            return;
+        };
+        if !worker.is_serving() && !worker.has_job() {
+            return;
+        }
+        if self.policy.watches_memory() {
+            worker.memory = self.seams.memory.usage(worker.pid);
+        }
+        let facts = WorkerFacts {
+            id: worker.id,
+            age: now.duration_since(worker.spawned),
+            requests_served: worker.requests_served,
+            memory_bytes: self.policy.measure(self.seams.memory.as_ref(), worker.pid),
+        };
+        let being_replaced = self
+            .workers
+            .values()
+            .any(|w| w.replaces.is_some_and(|(old, _)| old == worker_id));
+        let serving = self.workers.get(&worker_id).is_some_and(Worker::is_serving);
+        let has_leaf = self
+            .workers
+            .get(&worker_id)
+            .is_some_and(|w| w.leaf.is_some());
+        match self.policy.judge(&facts) {
+            Verdict::Keep => {}
+            // A worker in its own cgroup has the kernel enforce the hard
+            // limit with exact accounting (RSS also counts shared file pages
+            // charged elsewhere); procfs polling is the fallback.
+            Verdict::Kill(KillReason::HardLimit) if has_leaf => {}
+            Verdict::Kill(reason) => {
+                warn!(worker_id, memory_bytes = ?facts.memory_bytes, hard_limit = ?self.policy.hard_limit, "worker over its hard memory limit");
+                self.kill(worker_id, reason, now);
+            }
+            Verdict::Recycle(reason) if serving && !being_replaced => {
+                self.start_recycle(worker_id, reason, now);
+            }
+            Verdict::Recycle(_) => {}
+        }
+    }
+
+    /// Spawns a replacement for `old_id` if the recycle limit allows; the old
+    /// worker keeps serving until the replacement is Ready ([`Pool::hand_over`]).
+    fn start_recycle(&mut self, old_id: u64, reason: RetireReason, now: Instant) {
+        if !matches!(self.phase, Phase::Running) || !self.pacer.may_spawn(now) {
+            return;
+        }
+        let in_progress = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.replaces.is_some()
+                    || matches!(w.intent(), process::Intent::Retire(r) if r != RetireReason::Shutdown)
+            })
+            .count();
+        if in_progress >= self.config.max_concurrent_recycles as usize {
+            return;
+        }
+        if let Some(new_id) = self.spawn(Some((old_id, reason)), now) {
+            *self
+                .counters
+                .recycles
+                .entry(reason.to_string())
+                .or_default() += 1;
+            let old = self.workers.get(&old_id);
+            info!(
+                worker_id = old_id,
+                pid = old.map(|w| w.pid.as_raw()),
+                %reason,
+                replacement_id = new_id,
+                memory_bytes = ?old.and_then(|w| w.memory).map(|m| m.rss_bytes),
+                requests_served = old.map(|w| w.requests_served),
+                "recycling worker: replacement spawned"
+            );
+        }
+    }
+
+    /// The replacement is Ready: the old worker stops taking work, finishes
+    /// its request and exits.
+    fn hand_over(&mut self, old_id: u64, new_id: u64, reason: RetireReason, now: Instant) {
+        match self.workers.get_mut(&old_id) {
+            Some(old) if old.is_serving() => {
+                info!(worker_id = old_id, pid = old.pid.as_raw(), replacement_id = new_id, %reason, "replacement ready; retiring worker");
+                old.retire(reason, now);
+            }
+            _ => debug!(
+                worker_id = old_id,
+                replacement_id = new_id,
+                "replaced worker already gone"
+            ),
+        }
+    }
+
     fn on_tick(&mut self, now: Instant) {
         self.reap_all(now);
         self.enforce_worker_deadlines(now);
         self.expire_queued(now);
+        if now.duration_since(self.last_memory_check) >= self.config.memory_check_interval() {
+            self.last_memory_check = now;
+            let ids: Vec<u64> = self.workers.keys().copied().collect();
+            for worker_id in ids {
+                self.judge_worker(worker_id, now);
+            }
+        }
         if let Phase::Draining { deadline } = self.phase {
             self.drain_step(deadline, now);
         }
@@ -552,23 +728,32 @@ impl Pool {
     fn enforce_worker_deadlines(&mut self, now: Instant) {
         let request_timeout = self.config.request_timeout();
         let startup_timeout = self.config.startup_timeout();
+        let recycle_drain = self.config.recycle_drain_timeout();
         let mut kills = Vec::new();
         for worker in self.workers.values_mut() {
             let overdue = |since: Instant, limit: Duration| now.duration_since(since) > limit;
-            match worker.state() {
-                WorkerState::Busy(job) if overdue(job.started, request_timeout) => {
-                    kills.push((worker.id, KillReason::RequestTimeout));
+            let kill = match worker.state() {
+                WorkerState::Busy(job) | WorkerState::Draining { job, .. }
+                    if overdue(job.started, request_timeout) =>
+                {
+                    Some(KillReason::RequestTimeout)
+                }
+                WorkerState::Draining { since, .. } if overdue(*since, recycle_drain) => {
+                    Some(KillReason::DrainDeadline)
                 }
                 WorkerState::Starting { since } if overdue(*since, startup_timeout) => {
-                    kills.push((worker.id, KillReason::StartupTimeout));
+                    Some(KillReason::StartupTimeout)
                 }
                 WorkerState::Stopping { since, .. } if overdue(*since, STOP_GRACE) => {
-                    kills.push((worker.id, KillReason::DrainDeadline));
+                    Some(KillReason::DrainDeadline)
                 }
                 WorkerState::Lost { since } if overdue(*since, LOST_GRACE) => {
-                    kills.push((worker.id, KillReason::SocketClosed));
+                    Some(KillReason::SocketClosed)
                 }
-                _ => {}
+                _ => None,
+            };
+            if let Some(reason) = kill {
+                kills.push((worker.id, reason));
             }
             // The client's deadline passed while the worker runs: answer now,
             // let the worker finish (its result is discarded).
@@ -614,7 +799,7 @@ impl Pool {
         let deadline = now + self.config.drain_timeout();
         info!(
             queued = self.queue.len(),
-            busy = self.workers.values().filter(|w| w.is_busy()).count(),
+            running = self.workers.values().filter(|w| w.has_job()).count(),
             drain_timeout_ms = self.config.drain_timeout_ms,
             "draining: no new requests; finishing queued and running ones"
         );
@@ -629,17 +814,17 @@ impl Pool {
             while let Some(request) = self.queue.pop_front() {
                 self.finish(request, Err(RequestError::ShuttingDown), now);
             }
-            let busy: Vec<u64> = self
+            let running: Vec<u64> = self
                 .workers
                 .values()
-                .filter(|w| w.is_busy())
+                .filter(|w| w.has_job())
                 .map(|w| w.id)
                 .collect();
-            for worker_id in busy {
+            for worker_id in running {
                 self.kill(worker_id, KillReason::DrainDeadline, now);
             }
         }
-        let working = self.workers.values().any(|w| w.is_busy());
+        let working = self.workers.values().any(Worker::has_job);
         if self.queue.is_empty() && !working {
             for worker in self.workers.values_mut() {
                 worker.retire(RetireReason::Shutdown, now);
@@ -696,20 +881,50 @@ impl Pool {
             workers: self
                 .workers
                 .values()
-                .map(|w| WorkerStatus {
-                    id: w.id,
-                    pid: w.pid.as_raw() as u32,
-                    state: w.state_name().to_owned(),
-                    rss_bytes: crate::memory::rss_bytes(w.pid),
-                    requests_served: w.requests_served,
-                    age_secs: now.duration_since(w.spawned).as_secs_f64(),
+                .map(|w| {
+                    let memory = w.memory.or_else(|| self.seams.memory.usage(w.pid));
+                    WorkerStatus {
+                        id: w.id,
+                        pid: w.pid.as_raw() as u32,
+                        state: w.state_name().to_owned(),
+                        rss_bytes: memory.map(|m| m.rss_bytes),
+                        pss_bytes: memory.and_then(|m| m.pss_bytes),
+                        uss_bytes: memory.and_then(|m| m.uss_bytes),
+                        requests_served: w.requests_served,
+                        age_secs: now.duration_since(w.spawned).as_secs_f64(),
+                        cgroup: w.leaf.as_ref().map(|l| l.path().display().to_string()),
+                        replaces: w.replaces.map(|(old, _)| old),
+                    }
                 })
                 .collect(),
             queue_depth: self.queue.len() as u32,
             queue_capacity: self.config.queue_capacity as u32,
             unavailable_reason: self.unavailable(),
+            soft_limit_bytes: self.policy.soft_limit,
+            hard_limit_bytes: self.policy.hard_limit,
+            cgroups: self.seams.cgroup_summary.clone(),
+            recent_exits: self.recent_exits.iter().cloned().collect(),
             counters: self.counters.clone(),
         }
+    }
+}
+
+/// What the OOM counters say about a reaped worker: its own cgroup's counter
+/// if it had one, else whether the host's rose during its life.
+fn oom_evidence(worker: &Worker) -> OomEvidence {
+    if let Some(leaf) = &worker.leaf {
+        return match leaf.oom_kills() {
+            Ok(kills) if kills > worker.leaf_oom_kills_at_spawn => OomEvidence::CgroupCounter,
+            Ok(_) => OomEvidence::None,
+            Err(err) => {
+                warn!(worker_id = worker.id, error = %inferd_proto::error_chain(&err), "cannot read the cgroup OOM counter");
+                OomEvidence::None
+            }
+        };
+    }
+    match (worker.host_oom_kills_at_spawn, cgroup::host_oom_kills()) {
+        (Some(before), Some(after)) if after > before => OomEvidence::HostCounter,
+        _ => OomEvidence::None,
     }
 }
 

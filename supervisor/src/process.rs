@@ -163,11 +163,19 @@ pub fn try_reap(pid: Pid) -> Result<Option<ExitReport>, Errno> {
 pub enum RetireReason {
     /// The daemon is shutting down.
     Shutdown,
+    /// Its memory went over `soft_limit`.
+    SoftLimit,
+    /// It served `max_requests` (staggered).
+    MaxRequests,
+    /// It lived `max_lifetime_secs` (staggered).
+    MaxLifetime,
 }
 
 /// Why the supervisor SIGKILLed a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KillReason {
+    /// Its memory went over `hard_limit`.
+    HardLimit,
     /// One request ran past `request_timeout`.
     RequestTimeout,
     /// The model did not load within `startup_timeout`.
@@ -184,6 +192,9 @@ impl fmt::Display for RetireReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Shutdown => "shutdown",
+            Self::SoftLimit => "soft_limit",
+            Self::MaxRequests => "max_requests",
+            Self::MaxLifetime => "max_lifetime",
         })
     }
 }
@@ -191,6 +202,7 @@ impl fmt::Display for RetireReason {
 impl fmt::Display for KillReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::HardLimit => "hard_limit",
             Self::RequestTimeout => "request_timeout",
             Self::StartupTimeout => "startup_timeout",
             Self::DrainDeadline => "drain_deadline",
@@ -212,6 +224,17 @@ pub enum Intent {
     Kill(KillReason),
 }
 
+/// Evidence of the kernel OOM killer, read when a worker is reaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OomEvidence {
+    /// None found.
+    None,
+    /// The worker's own cgroup counted an OOM kill: certain.
+    CgroupCounter,
+    /// No cgroup, but the host's `oom_kill` count rose while it lived.
+    HostCounter,
+}
+
 /// The classified end of a worker: decided once, then logged, counted and
 /// shown in status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +249,11 @@ pub enum WorkerEnd {
         /// Why we killed it.
         reason: KillReason,
     },
+    /// The kernel OOM killer took it.
+    OomKilled {
+        /// Only the host-wide counter says so (no per-worker cgroup).
+        likely: bool,
+    },
     /// It died of a signal we did not send.
     Signaled {
         /// The signal.
@@ -239,15 +267,24 @@ pub enum WorkerEnd {
 }
 
 impl WorkerEnd {
-    /// Combines waitpid's report with what we did to the worker.
-    pub fn classify(report: ExitReport, intent: Intent) -> Self {
-        match (report, intent) {
-            (ExitReport::Signaled(Signal::SIGKILL), Intent::Kill(reason)) => {
+    /// Combines waitpid's report with what we did to the worker and what the
+    /// OOM counters say. A SIGKILL is ours only if we sent one; the kernel's
+    /// own cgroup counter beats everything, the host-wide counter only a
+    /// SIGKILL nobody in inferd sent.
+    pub fn classify(report: ExitReport, intent: Intent, oom: OomEvidence) -> Self {
+        match (report, intent, oom) {
+            (ExitReport::Signaled(Signal::SIGKILL), _, OomEvidence::CgroupCounter) => {
+                Self::OomKilled { likely: false }
+            }
+            (ExitReport::Signaled(Signal::SIGKILL), Intent::Kill(reason), _) => {
                 Self::KilledBySupervisor { reason }
             }
-            (ExitReport::Exited(0), Intent::Retire(reason)) => Self::Retired { reason },
-            (ExitReport::Signaled(signal), _) => Self::Signaled { signal },
-            (ExitReport::Exited(code), _) => Self::Exited { code },
+            (ExitReport::Signaled(Signal::SIGKILL), _, OomEvidence::HostCounter) => {
+                Self::OomKilled { likely: true }
+            }
+            (ExitReport::Exited(0), Intent::Retire(reason), _) => Self::Retired { reason },
+            (ExitReport::Signaled(signal), _, _) => Self::Signaled { signal },
+            (ExitReport::Exited(code), _, _) => Self::Exited { code },
         }
     }
 
@@ -256,9 +293,17 @@ impl WorkerEnd {
         match self {
             Self::Retired { .. } => "retired",
             Self::KilledBySupervisor { .. } => "killed_by_supervisor",
+            Self::OomKilled { likely: false } => "oom_killed",
+            Self::OomKilled { likely: true } => "likely_oom_killed",
             Self::Signaled { .. } => "signaled",
             Self::Exited { .. } => "exited",
         }
+    }
+
+    /// True for ends inferd asked for; anything else counts towards the
+    /// crash-loop guard.
+    pub fn was_requested(&self) -> bool {
+        matches!(self, Self::Retired { .. } | Self::KilledBySupervisor { .. })
     }
 }
 
@@ -267,6 +312,12 @@ impl fmt::Display for WorkerEnd {
         match self {
             Self::Retired { reason } => write!(f, "retired ({reason})"),
             Self::KilledBySupervisor { reason } => write!(f, "killed by supervisor ({reason})"),
+            Self::OomKilled { likely: false } => {
+                f.write_str("OOM-killed by the kernel (its cgroup's oom_kill counter rose)")
+            }
+            Self::OomKilled { likely: true } => f.write_str(
+                "likely OOM-killed (SIGKILL not sent by inferd; the host oom_kill counter rose)",
+            ),
             Self::Signaled { signal } => write!(f, "killed by {signal} (not sent by inferd)"),
             Self::Exited { code } => write!(f, "exited with status {code}"),
         }
@@ -278,34 +329,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn classification_uses_both_status_and_intent() {
+    fn classification_uses_status_intent_and_oom_evidence() {
+        use OomEvidence as O;
         let kill = Intent::Kill(KillReason::RequestTimeout);
         let retire = Intent::Retire(RetireReason::Shutdown);
+        let sigkill = ExitReport::Signaled(Signal::SIGKILL);
         let cases = [
-            (
-                ExitReport::Signaled(Signal::SIGKILL),
-                kill,
-                "killed_by_supervisor",
-            ),
+            (sigkill, kill, O::None, "killed_by_supervisor"),
             // A SIGKILL we did not send is never ours.
+            (sigkill, Intent::None, O::None, "signaled"),
+            (sigkill, retire, O::None, "signaled"),
+            // The cgroup counter is the kernel's own word.
+            (sigkill, Intent::None, O::CgroupCounter, "oom_killed"),
+            (sigkill, kill, O::CgroupCounter, "oom_killed"),
+            // The host counter only explains a SIGKILL nobody here sent.
+            (sigkill, Intent::None, O::HostCounter, "likely_oom_killed"),
+            (sigkill, kill, O::HostCounter, "killed_by_supervisor"),
             (
-                ExitReport::Signaled(Signal::SIGKILL),
+                ExitReport::Signaled(Signal::SIGABRT),
                 Intent::None,
+                O::CgroupCounter,
                 "signaled",
             ),
-            (ExitReport::Signaled(Signal::SIGKILL), retire, "signaled"),
             // We sent SIGKILL but it died of something else first.
-            (ExitReport::Signaled(Signal::SIGABRT), kill, "signaled"),
-            (ExitReport::Exited(0), retire, "retired"),
-            (ExitReport::Exited(1), retire, "exited"),
-            (ExitReport::Exited(0), Intent::None, "exited"),
-            (ExitReport::Exited(0), kill, "exited"),
+            (
+                ExitReport::Signaled(Signal::SIGABRT),
+                kill,
+                O::None,
+                "signaled",
+            ),
+            (ExitReport::Exited(0), retire, O::None, "retired"),
+            (ExitReport::Exited(1), retire, O::None, "exited"),
+            (ExitReport::Exited(0), Intent::None, O::None, "exited"),
+            (ExitReport::Exited(0), kill, O::None, "exited"),
         ];
-        for (report, intent, kind) in cases {
+        for (report, intent, oom, kind) in cases {
             assert_eq!(
-                WorkerEnd::classify(report, intent).kind(),
+                WorkerEnd::classify(report, intent, oom).kind(),
                 kind,
-                "{report:?} + {intent:?}"
+                "{report:?} + {intent:?} + {oom:?}"
             );
         }
     }

@@ -1,10 +1,10 @@
 //! A client request inside the supervisor, and the handle that answers it.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::time::Instant;
 
 use inferd_proto::{EmbedResult, PoolStatus, RequestError, ServerMessage};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::error;
 
 /// Sends the one answer to a client request back to its connection. Consumed

@@ -4,20 +4,22 @@
 //!
 //! ```text
 //! Starting ──Ready──▶ Ready ◀──answer── Busy
-//!    │                  │ └──assign──────▲
-//!    │                  └─retire─▶ Stopping
-//!    └─(any live state)─kill──▶ Killed      (all end at waitpid)
-//!    └─(any live state)─EOF───▶ Lost
+//!                       │ └──assign──────▲ │
+//!                       │                  │ drain (recycle)
+//!                       └─drain/retire─▶ Stopping ◀─answer── Draining
+//!  any state ──kill──▶ Killed;  any live state ──EOF──▶ Lost
+//!  (every state ends at waitpid)
 //! ```
-
-use std::time::Instant;
 
 use inferd_proto::{Connection, ProtoError, WorkerCommand, WorkerConfig, WorkerEvent};
 use nix::unistd::Pid;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::cgroup::Leaf;
+use crate::memory::MemoryUsage;
 use crate::process::{self, Intent, KillReason, ProcessError, RetireReason, SpawnedWorker};
 use crate::request::Request;
 
@@ -60,6 +62,16 @@ pub enum WorkerState {
     },
     /// Running one request.
     Busy(Job),
+    /// Being recycled: gets no new work, finishes its request, then is asked
+    /// to exit.
+    Draining {
+        /// Why it is recycled.
+        reason: RetireReason,
+        /// Draining since.
+        since: Instant,
+        /// The request it is finishing.
+        job: Job,
+    },
     /// Asked to exit; waiting for it to do so.
     Stopping {
         /// Why.
@@ -105,6 +117,20 @@ pub struct Worker {
     pub ready_at: Option<Instant>,
     /// Requests answered.
     pub requests_served: u64,
+    /// Set on a worker spawned to replace another: (old id, why). When this
+    /// one is Ready, the old one drains.
+    pub replaces: Option<(u64, RetireReason)>,
+    /// Latest memory reading.
+    pub memory: Option<MemoryUsage>,
+    /// Why it could not load its model, as it reported before exiting.
+    pub load_error: Option<String>,
+    /// Its own memory cgroup, if the supervisor could make one.
+    pub leaf: Option<Leaf>,
+    /// Its cgroup's `oom_kill` count when it was placed there (a reused
+    /// leaf may not start at 0).
+    pub leaf_oom_kills_at_spawn: u64,
+    /// Host-wide `oom_kill` count at spawn: the fallback OOM evidence.
+    pub host_oom_kills_at_spawn: Option<u64>,
     /// Commands to the IO task, which writes them to the socket.
     commands: mpsc::UnboundedSender<WorkerCommand>,
     /// Lifecycle state.
@@ -112,11 +138,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Takes over a freshly spawned process: starts its IO task and queues the
-    /// Start command (sent after the hello exchange).
+    /// Takes over a freshly spawned process (already in its cgroup leaf, if
+    /// any): starts its IO task and queues the Start command (sent after the
+    /// hello exchange).
     pub fn start(
         id: u64,
         spawned: SpawnedWorker,
+        leaf: Option<Leaf>,
         config: WorkerConfig,
         events: IoEvents,
         now: Instant,
@@ -133,6 +161,12 @@ impl Worker {
             spawned: now,
             ready_at: None,
             requests_served: 0,
+            replaces: None,
+            memory: None,
+            load_error: None,
+            leaf_oom_kills_at_spawn: leaf.as_ref().and_then(|l| l.oom_kills().ok()).unwrap_or(0),
+            leaf,
+            host_oom_kills_at_spawn: crate::cgroup::host_oom_kills(),
             commands,
             state: WorkerState::Starting { since: now },
         })
@@ -149,6 +183,7 @@ impl Worker {
             WorkerState::Starting { .. } => "starting",
             WorkerState::Ready { .. } => "ready",
             WorkerState::Busy(_) => "busy",
+            WorkerState::Draining { .. } => "draining",
             WorkerState::Stopping { .. } => "stopping",
             WorkerState::Killed { .. } | WorkerState::Lost { .. } => "exiting",
         }
@@ -162,15 +197,25 @@ impl Worker {
         )
     }
 
-    /// Running a request.
-    pub fn is_busy(&self) -> bool {
-        matches!(self.state, WorkerState::Busy(_))
+    /// Running a request (busy, or finishing one while draining).
+    pub fn has_job(&self) -> bool {
+        matches!(
+            self.state,
+            WorkerState::Busy(_) | WorkerState::Draining { .. }
+        )
+    }
+
+    /// Serving or able to serve: Ready or Busy.
+    pub fn is_serving(&self) -> bool {
+        matches!(self.state, WorkerState::Ready { .. } | WorkerState::Busy(_))
     }
 
     /// What we did to it, for classifying its end.
     pub fn intent(&self) -> Intent {
         match self.state {
-            WorkerState::Stopping { reason, .. } => Intent::Retire(reason),
+            WorkerState::Stopping { reason, .. } | WorkerState::Draining { reason, .. } => {
+                Intent::Retire(reason)
+            }
             WorkerState::Killed { reason, .. } => Intent::Kill(reason),
             _ => Intent::None,
         }
@@ -210,45 +255,65 @@ impl Worker {
         Ok(())
     }
 
-    /// Busy → Ready on the worker's answer to `request_id`; returns the
-    /// request unless it was already answered (deadline passed).
+    /// Busy → Ready (or Draining → Stopping) on the worker's answer to
+    /// `request_id`; returns the request unless it was already answered
+    /// (deadline passed).
     pub fn complete(
         &mut self,
         request_id: u64,
         now: Instant,
     ) -> Result<Option<Request>, UnexpectedAnswer> {
-        match &mut self.state {
-            WorkerState::Busy(job) if job.request_id == request_id => {
-                let request = job.request.take();
-                self.state = WorkerState::Ready { since: now };
-                self.requests_served += 1;
-                Ok(request)
+        let job = match &mut self.state {
+            WorkerState::Busy(job) | WorkerState::Draining { job, .. }
+                if job.request_id == request_id =>
+            {
+                job
             }
-            _ => Err(UnexpectedAnswer {
-                got: request_id,
-                state: self.state_name(),
-            }),
-        }
+            _ => {
+                return Err(UnexpectedAnswer {
+                    got: request_id,
+                    state: self.state_name(),
+                })
+            }
+        };
+        let request = job.request.take();
+        self.requests_served += 1;
+        self.state = match self.state {
+            WorkerState::Draining { reason, .. } => {
+                let _ = self.commands.send(WorkerCommand::Shutdown);
+                WorkerState::Stopping { reason, since: now }
+            }
+            _ => WorkerState::Ready { since: now },
+        };
+        Ok(request)
     }
 
-    /// The running job, if Busy.
+    /// The running job, if it has one.
     pub fn job_mut(&mut self) -> Option<&mut Job> {
         match &mut self.state {
-            WorkerState::Busy(job) => Some(job),
+            WorkerState::Busy(job) | WorkerState::Draining { job, .. } => Some(job),
             _ => None,
         }
     }
 
-    /// Asks the worker to exit after its current command: → Stopping.
-    /// Only for idle or starting workers; a busy one must finish first.
+    /// Takes the worker out of service: an idle or starting one is asked to
+    /// exit now (→ Stopping), a busy one finishes its request first
+    /// (→ Draining). Other states are already on their way out.
     pub fn retire(&mut self, reason: RetireReason, now: Instant) {
-        if matches!(
-            self.state,
-            WorkerState::Ready { .. } | WorkerState::Starting { .. }
-        ) {
-            let _ = self.commands.send(WorkerCommand::Shutdown);
-            self.state = WorkerState::Stopping { reason, since: now };
-        }
+        // Placeholder while the old state is moved out; replaced just below.
+        let previous = std::mem::replace(&mut self.state, WorkerState::Lost { since: now });
+        self.state = match previous {
+            WorkerState::Ready { .. } | WorkerState::Starting { .. } => {
+                let _ = self.commands.send(WorkerCommand::Shutdown);
+                WorkerState::Stopping { reason, since: now }
+            }
+            WorkerState::Busy(job) => WorkerState::Draining {
+                reason,
+                since: now,
+                job,
+            },
+            other => other,
+        };
     }
 
     /// SIGKILLs the worker: → Killed. Returns its unanswered request, if any.
@@ -261,7 +326,7 @@ impl Worker {
             return None;
         }
         match std::mem::replace(&mut self.state, WorkerState::Killed { reason, since: now }) {
-            WorkerState::Busy(job) => job.request,
+            WorkerState::Busy(job) | WorkerState::Draining { job, .. } => job.request,
             _ => None,
         }
     }
@@ -269,11 +334,14 @@ impl Worker {
     /// The socket closed without our asking: → Lost. Returns the unanswered
     /// request, if any. Stopping and Killed workers are expected to close.
     pub fn lost(&mut self, now: Instant) -> Option<Request> {
-        if !self.is_live() {
+        if matches!(
+            self.state,
+            WorkerState::Stopping { .. } | WorkerState::Killed { .. } | WorkerState::Lost { .. }
+        ) {
             return None;
         }
         match std::mem::replace(&mut self.state, WorkerState::Lost { since: now }) {
-            WorkerState::Busy(job) => job.request,
+            WorkerState::Busy(job) | WorkerState::Draining { job, .. } => job.request,
             _ => None,
         }
     }

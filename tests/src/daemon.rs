@@ -56,6 +56,10 @@ pub struct DaemonConfig {
     pub drain_timeout_ms: Option<u64>,
     /// `[chaos] crash_marker`.
     pub crash_marker: Option<String>,
+    /// Further top-level keys, written as given (see [`DaemonConfig::set`]).
+    pub extra: toml::Table,
+    /// Further `[chaos]` keys (see [`DaemonConfig::chaos`]).
+    pub extra_chaos: toml::Table,
     /// `RUST_LOG` for the daemon (and its workers, which inherit it).
     pub rust_log: String,
     /// Bound on [`Daemon::wait_ready`].
@@ -95,6 +99,8 @@ impl DaemonConfig {
             default_deadline_ms: None,
             drain_timeout_ms: None,
             crash_marker: None,
+            extra: toml::Table::new(),
+            extra_chaos: toml::Table::new(),
             rust_log: "info".into(),
             ready_timeout: READY_TIMEOUT,
         }
@@ -186,6 +192,20 @@ impl DaemonConfig {
         self
     }
 
+    /// Sets any other top-level config key, e.g.
+    /// `.set("soft_limit", "300MiB")`.
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.extra.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets any other `[chaos]` key, e.g.
+    /// `.chaos("leak_bytes_per_request", 2 << 20)`.
+    pub fn chaos(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.extra_chaos.insert(key.into(), value.into());
+        self
+    }
+
     /// Sets the daemon's `RUST_LOG`.
     pub fn rust_log(mut self, filter: impl Into<String>) -> Self {
         self.rust_log = filter.into();
@@ -220,7 +240,17 @@ impl DaemonConfig {
                 .as_deref()
                 .map(|m| Chaos { crash_marker: m }),
         };
-        toml::to_string(&file).expect("the test config serialises to TOML")
+        let mut table = toml::Table::try_from(&file).expect("the test config serialises to TOML");
+        table.extend(self.extra.clone());
+        if !self.extra_chaos.is_empty() {
+            let chaos = table
+                .entry("chaos")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(chaos) = chaos {
+                chaos.extend(self.extra_chaos.clone());
+            }
+        }
+        toml::to_string(&table).expect("the test config serialises to TOML")
     }
 }
 

@@ -125,10 +125,11 @@ async fn serve_started(
     };
     conn.send(&ready).await.map_err(WorkerError::SendEvent)?;
 
+    let mut leaked = Vec::new();
     loop {
         match conn.recv().await.map_err(WorkerError::ReceiveCommand)? {
             Some(WorkerCommand::Embed { request_id, texts }) => {
-                let event = embed(&engine, &config, request_id, &texts);
+                let event = embed(&engine, &config, request_id, &texts, &mut leaked);
                 conn.send(&event).await.map_err(WorkerError::SendEvent)?;
             }
             Some(WorkerCommand::Shutdown) => {
@@ -157,8 +158,14 @@ fn engine_config(config: &WorkerConfig) -> EngineConfig {
 }
 
 /// Runs one request; every failure becomes a `Rejected` event, never a crash.
-fn embed(engine: &Engine, config: &WorkerConfig, request_id: u64, texts: &[String]) -> WorkerEvent {
-    apply_chaos(&config.chaos, texts);
+fn embed(
+    engine: &Engine,
+    config: &WorkerConfig,
+    request_id: u64,
+    texts: &[String],
+    leaked: &mut Vec<Vec<u8>>,
+) -> WorkerEvent {
+    apply_chaos(&config.chaos, texts, leaked);
     if let Err(error) = config.limits.check(texts) {
         return WorkerEvent::Rejected { request_id, error };
     }
@@ -195,11 +202,21 @@ fn embed(engine: &Engine, config: &WorkerConfig, request_id: u64, texts: &[Strin
 }
 
 /// Test-only behaviours, off unless the supervisor's config enables them.
-fn apply_chaos(chaos: &ChaosOptions, texts: &[String]) {
-    if let Some(marker) = &chaos.crash_marker {
-        if texts.iter().any(|t| t == marker) {
-            error!("chaos: crash marker received, aborting");
-            std::process::abort();
+/// `leaked` holds the simulated leak for the life of the process.
+fn apply_chaos(chaos: &ChaosOptions, texts: &[String], leaked: &mut Vec<Vec<u8>>) {
+    let has = |marker: &Option<String>| marker.as_ref().is_some_and(|m| texts.contains(m));
+    if has(&chaos.crash_marker) {
+        error!("chaos: crash marker received, aborting");
+        std::process::abort();
+    }
+    if has(&chaos.hang_marker) {
+        error!("chaos: hang marker received, hanging");
+        loop {
+            std::thread::park();
         }
+    }
+    if chaos.leak_bytes_per_request > 0 {
+        // Non-zero bytes: zero pages could stay shared and not count as RSS.
+        leaked.push(vec![0xA5; chaos.leak_bytes_per_request as usize]);
     }
 }

@@ -31,6 +31,14 @@ pub fn format_status(status: &PoolStatus) -> String {
         "queue        {} / {}",
         status.queue_depth, status.queue_capacity
     );
+    let limit = |bytes: Option<u64>| bytes.map_or_else(|| "none".into(), mib);
+    let _ = writeln!(
+        out,
+        "memory       soft limit {}, hard limit {}; cgroups: {}",
+        limit(status.soft_limit_bytes),
+        limit(status.hard_limit_bytes),
+        status.cgroups
+    );
     if let Some(reason) = &status.unavailable_reason {
         let _ = writeln!(out, "UNAVAILABLE  {reason}");
     }
@@ -38,7 +46,7 @@ pub fn format_status(status: &PoolStatus) -> String {
     out.push('\n');
     let _ = writeln!(
         out,
-        "{:>4}  {:>8}  {:<9}  {:>9}  {:>9}  {:>10}",
+        "{:>4}  {:>8}  {:<9}  {:>9}  {:>9}  {:>10}  NOTE",
         "ID", "PID", "STATE", "RSS(MiB)", "REQUESTS", "AGE"
     );
     if status.workers.is_empty() {
@@ -49,15 +57,29 @@ pub fn format_status(status: &PoolStatus) -> String {
             .rss_bytes
             .map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)))
             .unwrap_or_else(|| "-".into());
+        let mut note = Vec::new();
+        if let Some(old) = w.replaces {
+            note.push(format!("replacing worker {old}"));
+        }
+        if let Some(pss) = w.pss_bytes {
+            note.push(format!("pss {}", mib(pss)));
+        }
+        if let Some(uss) = w.uss_bytes {
+            note.push(format!("uss {}", mib(uss)));
+        }
+        if let Some(cgroup) = &w.cgroup {
+            note.push(format!("cgroup {cgroup}"));
+        }
         let _ = writeln!(
             out,
-            "{:>4}  {:>8}  {:<9}  {:>9}  {:>9}  {:>10}",
+            "{:>4}  {:>8}  {:<9}  {:>9}  {:>9}  {:>10}  {}",
             w.id,
             w.pid,
             w.state,
             rss,
             w.requests_served,
-            human_duration(w.age_secs)
+            human_duration(w.age_secs),
+            note.join(", ")
         );
     }
 
@@ -70,8 +92,30 @@ pub fn format_status(status: &PoolStatus) -> String {
     let _ = writeln!(out, "  retries             {}", c.retries);
     let _ = writeln!(out, "  poison rejections   {}", c.poison_rejections);
     let _ = writeln!(out, "  workers spawned     {}", c.workers_spawned);
+    let _ = writeln!(out, "  recycles            {}", by_kind(&c.recycles));
     let _ = writeln!(out, "  worker exits        {}", by_kind(&c.worker_exits));
+    if !status.recent_exits.is_empty() {
+        out.push('\n');
+        let _ = writeln!(out, "recent worker exits (oldest first)");
+        for exit in &status.recent_exits {
+            let _ = writeln!(
+                out,
+                "  worker {} (pid {}) at {}: {}; served {}, lived {}",
+                exit.worker_id,
+                exit.pid,
+                human_duration(exit.uptime_at_exit_secs),
+                exit.description,
+                exit.requests_served,
+                human_duration(exit.age_secs)
+            );
+        }
+    }
     out
+}
+
+/// `123.4MiB`.
+fn mib(bytes: u64) -> String {
+    format!("{:.1}MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// `kind=n kind=n`, or `0` when empty.
@@ -112,8 +156,12 @@ mod tests {
             pid,
             state: state.into(),
             rss_bytes: Some(183 * 1024 * 1024),
+            pss_bytes: None,
+            uss_bytes: None,
             requests_served: 12,
             age_secs: 3725.0,
+            cgroup: None,
+            replaces: None,
         }
     }
 
@@ -139,6 +187,18 @@ mod tests {
             queue_depth: 5,
             queue_capacity: 256,
             unavailable_reason: Some("model file missing".into()),
+            soft_limit_bytes: Some(300 << 20),
+            hard_limit_bytes: None,
+            cgroups: "off (configured)".into(),
+            recent_exits: vec![inferd_proto::ExitRecord {
+                worker_id: 2,
+                pid: 99,
+                kind: "oom_killed".into(),
+                description: "OOM-killed by the kernel".into(),
+                requests_served: 7,
+                age_secs: 30.0,
+                uptime_at_exit_secs: 60.0,
+            }],
             counters,
         };
         let text = format_status(&status);
@@ -148,6 +208,14 @@ mod tests {
         assert!(text.contains("5 / 256"), "{text}");
         assert!(text.contains("UNAVAILABLE  model file missing"), "{text}");
         assert!(text.contains("RSS(MiB)"), "{text}");
+        assert!(
+            text.contains("soft limit 300.0MiB, hard limit none"),
+            "{text}"
+        );
+        assert!(
+            text.contains("worker 2 (pid 99) at 1m00s: OOM-killed by the kernel"),
+            "{text}"
+        );
         let row = text
             .lines()
             .find(|l| l.contains(" 101 "))

@@ -74,11 +74,13 @@ fn embed_answer(request: ClientMessage) -> ServerMessage {
                     rss_bytes: None,
                     requests_served: 0,
                     age_secs: 1.0,
+                    ..WorkerStatus::default()
                 }],
                 queue_depth: 0,
                 queue_capacity: 8,
                 unavailable_reason: None,
                 counters: Counters::default(),
+                ..PoolStatus::default()
             },
         },
     }

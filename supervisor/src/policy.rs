@@ -1,0 +1,394 @@
+//! The pool's decisions, as pure functions of what it measured: when to
+//! recycle or kill a worker ([`RecyclePolicy`]), and how fast to restart
+//! workers that keep dying ([`RestartPacer`]). Kept apart from the pool's I/O
+//! so they are unit-tested with a fake memory source and paused time.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use crate::config::{Config, MemoryMetric};
+use crate::memory::MemorySource;
+use crate::process::{KillReason, RetireReason};
+
+/// First restart delay after a failure; doubles with each further one.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest restart delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// `base` spread per worker between 1× and 1.5×, so workers started
+/// together do not reach a request or lifetime limit together.
+pub fn stagger(base: u64, worker_id: u64, workers: u32) -> u64 {
+    let workers = u64::from(workers.max(1));
+    base + base / 2 * (worker_id % workers) / workers
+}
+
+/// What the pool knows about one serving worker when it judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerFacts {
+    /// Worker id (for the stagger).
+    pub id: u64,
+    /// Time since spawn.
+    pub age: Duration,
+    /// Requests answered.
+    pub requests_served: u64,
+    /// Memory figure per the configured metric, if it could be read.
+    pub memory_bytes: Option<u64>,
+}
+
+/// What to do with a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing.
+    Keep,
+    /// Replace it gracefully.
+    Recycle(RetireReason),
+    /// SIGKILL it now.
+    Kill(KillReason),
+}
+
+/// Memory, request-count and lifetime limits of workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecyclePolicy {
+    /// Graceful recycle above this.
+    pub soft_limit: Option<u64>,
+    /// Kill above this.
+    pub hard_limit: Option<u64>,
+    /// Recycle after about this many requests (staggered).
+    pub max_requests: Option<u64>,
+    /// Recycle after about this long (staggered).
+    pub max_lifetime: Option<Duration>,
+    /// No graceful recycle before this age.
+    pub min_lifetime: Duration,
+    /// Target pool size, for the stagger.
+    pub workers: u32,
+    /// Which memory figure the limits apply to.
+    pub metric: MemoryMetric,
+}
+
+impl RecyclePolicy {
+    /// The policy a configuration asks for.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            soft_limit: config.soft_limit.map(|b| b.as_u64()),
+            hard_limit: config.hard_limit.map(|b| b.as_u64()),
+            max_requests: config.max_requests,
+            max_lifetime: config.max_lifetime(),
+            min_lifetime: config.min_lifetime(),
+            workers: config.workers,
+            metric: config.memory_metric,
+        }
+    }
+
+    /// Reads the configured memory figure of `pid`.
+    pub fn measure(&self, source: &dyn MemorySource, pid: Pid) -> Option<u64> {
+        let usage = source.usage(pid)?;
+        match self.metric {
+            MemoryMetric::Rss => Some(usage.rss_bytes),
+            MemoryMetric::Pss => usage.pss_bytes,
+            MemoryMetric::Uss => usage.uss_bytes,
+        }
+    }
+
+    /// Whether the policy needs memory readings at all.
+    pub fn watches_memory(&self) -> bool {
+        self.soft_limit.is_some() || self.hard_limit.is_some()
+    }
+
+    /// Judges one worker. The hard limit applies at any age; graceful
+    /// triggers wait for `min_lifetime`, so a worker that starts above the
+    /// soft limit is not replaced in a loop.
+    pub fn judge(&self, facts: &WorkerFacts) -> Verdict {
+        let memory = facts.memory_bytes.unwrap_or(0);
+        if self.hard_limit.is_some_and(|hard| memory > hard) {
+            return Verdict::Kill(KillReason::HardLimit);
+        }
+        if facts.age < self.min_lifetime {
+            return Verdict::Keep;
+        }
+        if self.soft_limit.is_some_and(|soft| memory > soft) {
+            return Verdict::Recycle(RetireReason::SoftLimit);
+        }
+        if let Some(max) = self.max_requests {
+            if facts.requests_served >= stagger(max, facts.id, self.workers) {
+                return Verdict::Recycle(RetireReason::MaxRequests);
+            }
+        }
+        if let Some(max) = self.max_lifetime {
+            let limit = stagger(max.as_millis() as u64, facts.id, self.workers);
+            if facts.age.as_millis() as u64 >= limit {
+                return Verdict::Recycle(RetireReason::MaxLifetime);
+            }
+        }
+        Verdict::Keep
+    }
+}
+
+/// Paces worker (re)starts, OTP-style: failed starts back off exponentially;
+/// more than `max_restarts` unexpected exits within `period` back off too.
+/// Either way spawns per minute stay bounded, so a broken model or a crash
+/// loop never turns into a fork bomb.
+#[derive(Debug)]
+pub struct RestartPacer {
+    /// Allowed unexpected exits per period before slowing down.
+    max_restarts: u32,
+    /// The sliding window.
+    period: Duration,
+    /// Failed starts since a worker last became ready.
+    failures_in_a_row: u32,
+    /// Unexpected exits within the window.
+    recent_exits: VecDeque<Instant>,
+    /// No spawn before this.
+    next_spawn_at: Instant,
+    /// Why the last start failed.
+    last_error: Option<String>,
+}
+
+impl RestartPacer {
+    /// A pacer that allows spawning now.
+    pub fn new(max_restarts: u32, period: Duration, now: Instant) -> Self {
+        Self {
+            max_restarts,
+            period,
+            failures_in_a_row: 0,
+            recent_exits: VecDeque::new(),
+            next_spawn_at: now,
+            last_error: None,
+        }
+    }
+
+    /// May a worker be spawned now?
+    pub fn may_spawn(&self, now: Instant) -> bool {
+        now >= self.next_spawn_at
+    }
+
+    /// A worker became ready: starts are healthy again.
+    pub fn started(&mut self) {
+        self.failures_in_a_row = 0;
+        self.last_error = None;
+    }
+
+    /// A start failed (spawn error, or exit before ready); returns the delay
+    /// before the next spawn.
+    pub fn start_failed(&mut self, reason: String, now: Instant) -> Duration {
+        self.failures_in_a_row += 1;
+        self.last_error = Some(reason);
+        self.delay(self.failures_in_a_row, now)
+    }
+
+    /// A ready worker died unexpectedly; returns a delay when this makes a
+    /// crash loop (more than `max_restarts` within `period`).
+    pub fn unexpected_exit(&mut self, now: Instant) -> Option<Duration> {
+        self.recent_exits.push_back(now);
+        while self
+            .recent_exits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.period)
+        {
+            self.recent_exits.pop_front();
+        }
+        let excess = (self.recent_exits.len() as u32).checked_sub(self.max_restarts)?;
+        (excess > 0).then(|| self.delay(excess, now))
+    }
+
+    fn delay(&mut self, nth: u32, now: Instant) -> Duration {
+        let exponent = nth.saturating_sub(1).min(16);
+        let delay = BACKOFF_BASE.saturating_mul(1 << exponent).min(BACKOFF_MAX);
+        self.next_spawn_at = self.next_spawn_at.max(now + delay);
+        delay
+    }
+
+    /// Failed starts since a worker last became ready.
+    pub fn failures_in_a_row(&self) -> u32 {
+        self.failures_in_a_row
+    }
+
+    /// Why the last start failed.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{FakeMemory, MemoryUsage};
+
+    const MIB: u64 = 1 << 20;
+
+    fn policy() -> RecyclePolicy {
+        RecyclePolicy {
+            soft_limit: Some(300 * MIB),
+            hard_limit: Some(400 * MIB),
+            max_requests: Some(1000),
+            max_lifetime: Some(Duration::from_secs(3600)),
+            min_lifetime: Duration::from_secs(5),
+            workers: 4,
+            metric: MemoryMetric::Rss,
+        }
+    }
+
+    fn facts(memory: u64) -> WorkerFacts {
+        WorkerFacts {
+            id: 4,
+            age: Duration::from_secs(60),
+            requests_served: 10,
+            memory_bytes: Some(memory),
+        }
+    }
+
+    #[test]
+    fn memory_limits_from_a_fake_source() {
+        let source = FakeMemory::new();
+        let pid = Pid::from_raw(4242);
+        let policy = policy();
+        let judge = |rss: u64| {
+            source.set_rss(pid, rss);
+            policy.judge(&WorkerFacts {
+                memory_bytes: policy.measure(&source, pid),
+                ..facts(0)
+            })
+        };
+        assert_eq!(judge(200 * MIB), Verdict::Keep);
+        assert_eq!(judge(301 * MIB), Verdict::Recycle(RetireReason::SoftLimit));
+        assert_eq!(judge(401 * MIB), Verdict::Kill(KillReason::HardLimit));
+        source.remove(pid);
+        assert_eq!(
+            policy.measure(&source, pid),
+            None,
+            "gone process: no reading"
+        );
+    }
+
+    #[test]
+    fn metric_selects_the_figure() {
+        let source = FakeMemory::new();
+        let pid = Pid::from_raw(7);
+        source.set(
+            pid,
+            MemoryUsage {
+                rss_bytes: 500 * MIB,
+                pss_bytes: Some(350 * MIB),
+                uss_bytes: Some(250 * MIB),
+            },
+        );
+        let mut policy = policy();
+        for (metric, expected) in [
+            (MemoryMetric::Rss, 500 * MIB),
+            (MemoryMetric::Pss, 350 * MIB),
+            (MemoryMetric::Uss, 250 * MIB),
+        ] {
+            policy.metric = metric;
+            assert_eq!(policy.measure(&source, pid), Some(expected));
+        }
+    }
+
+    #[test]
+    fn young_workers_are_only_killed_never_recycled() {
+        let young = WorkerFacts {
+            age: Duration::from_secs(1),
+            ..facts(350 * MIB)
+        };
+        assert_eq!(policy().judge(&young), Verdict::Keep);
+        let young_and_huge = WorkerFacts {
+            memory_bytes: Some(500 * MIB),
+            ..young
+        };
+        assert_eq!(
+            policy().judge(&young_and_huge),
+            Verdict::Kill(KillReason::HardLimit)
+        );
+    }
+
+    #[test]
+    fn max_requests_is_staggered_across_workers() {
+        let thresholds: Vec<u64> = (1..=4).map(|id| stagger(1000, id, 4)).collect();
+        assert_eq!(thresholds, vec![1125, 1250, 1375, 1000]);
+        let policy = policy();
+        let at = |id, served| {
+            policy.judge(&WorkerFacts {
+                id,
+                requests_served: served,
+                ..facts(0)
+            })
+        };
+        assert_eq!(at(1, 1124), Verdict::Keep);
+        assert_eq!(at(1, 1125), Verdict::Recycle(RetireReason::MaxRequests));
+        assert_eq!(at(4, 1000), Verdict::Recycle(RetireReason::MaxRequests));
+    }
+
+    #[test]
+    fn max_lifetime_is_staggered_too() {
+        let policy = policy();
+        let aged = |id, secs| {
+            policy.judge(&WorkerFacts {
+                id,
+                age: Duration::from_secs(secs),
+                ..facts(0)
+            })
+        };
+        assert_eq!(aged(4, 3599), Verdict::Keep);
+        assert_eq!(aged(4, 3600), Verdict::Recycle(RetireReason::MaxLifetime));
+        assert_eq!(
+            aged(2, 3600),
+            Verdict::Keep,
+            "worker 2 is staggered to 1.25×"
+        );
+        assert_eq!(aged(2, 4500), Verdict::Recycle(RetireReason::MaxLifetime));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_starts_back_off_exponentially_and_stay_bounded() {
+        let start = Instant::now();
+        let mut pacer = RestartPacer::new(5, Duration::from_secs(60), start);
+        let mut spawns = 0;
+        // Every start fails at once; count spawns over one minute.
+        while start.elapsed() < Duration::from_secs(60) {
+            if pacer.may_spawn(Instant::now()) {
+                spawns += 1;
+                pacer.start_failed("model missing".into(), Instant::now());
+            }
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert!(
+            (8..=12).contains(&spawns),
+            "{spawns} spawns in the first minute"
+        );
+        assert_eq!(pacer.last_error(), Some("model missing"));
+        // Once at the cap, about two spawns a minute.
+        let later = Instant::now();
+        let mut more = 0;
+        while later.elapsed() < Duration::from_secs(60) {
+            if pacer.may_spawn(Instant::now()) {
+                more += 1;
+                pacer.start_failed("model missing".into(), Instant::now());
+            }
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        assert!(more <= 3, "{more} spawns in a later minute");
+        pacer.started();
+        assert_eq!(pacer.failures_in_a_row(), 0);
+        assert_eq!(pacer.last_error(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn crash_loop_slows_restarts_only_past_the_intensity() {
+        let mut pacer = RestartPacer::new(3, Duration::from_secs(10), Instant::now());
+        for _ in 0..3 {
+            assert_eq!(pacer.unexpected_exit(Instant::now()), None);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(pacer.unexpected_exit(Instant::now()), Some(BACKOFF_BASE));
+        assert!(!pacer.may_spawn(Instant::now()));
+        assert_eq!(
+            pacer.unexpected_exit(Instant::now()),
+            Some(BACKOFF_BASE * 2)
+        );
+        // Outside the window, exits are forgiven.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(pacer.may_spawn(Instant::now()));
+        assert_eq!(pacer.unexpected_exit(Instant::now()), None);
+    }
+}

@@ -1,0 +1,450 @@
+//! Memory watch, recycling and exit attribution against the real daemon:
+//! leaking workers are recycled gracefully under load, the kernel OOM killer
+//! (in a per-worker cgroup) is recognised from the cgroup counter, the
+//! supervisor's own kills are never called OOM, hung workers are killed at
+//! `request_timeout`, `max_requests` recycles one worker at a time, and a
+//! missing model leaves the daemon up, saying why, without a fork bomb.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use inferd_tests::{
+    ready_count, sample_texts, BackgroundLoad, Client, ClientError, Daemon, DaemonConfig, Expected,
+    PoolStatus, RequestError, POLL_INTERVAL,
+};
+
+const MIB: u64 = 1 << 20;
+const RECOVERY: Duration = Duration::from_secs(60);
+
+fn exits(status: &PoolStatus, kind: &str) -> u64 {
+    status.counters.worker_exits.get(kind).copied().unwrap_or(0)
+}
+
+fn recycles(status: &PoolStatus, trigger: &str) -> u64 {
+    status.counters.recycles.get(trigger).copied().unwrap_or(0)
+}
+
+fn serving(status: &PoolStatus) -> usize {
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state == "ready" || w.state == "busy")
+        .count()
+}
+
+/// Samples status every poll interval until stopped; keeps every sample.
+struct Monitor {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<PoolStatus>>,
+}
+
+impl Monitor {
+    fn start(daemon: &Daemon) -> Monitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = daemon.socket_path().to_path_buf();
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut client = Client::connect(&socket).await.expect("monitor connects");
+            while !flag.load(Ordering::SeqCst) {
+                samples.push(client.status().await.expect("monitor status"));
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+            samples
+        });
+        Monitor { stop, task }
+    }
+
+    async fn stop(self) -> Vec<PoolStatus> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("monitor task")
+    }
+}
+
+/// Sends `total` requests over `clients` connections; returns the errors.
+async fn run_requests(
+    daemon: &Daemon,
+    expected: &Expected,
+    total: usize,
+    clients: usize,
+) -> Vec<String> {
+    let next = Arc::new(Mutex::new(0usize));
+    let mut tasks = Vec::new();
+    for n in 0..clients {
+        let (socket, expected, next) = (
+            daemon.socket_path().to_path_buf(),
+            expected.clone(),
+            next.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            let mut client = Client::connect(&socket).await.expect("client connects");
+            loop {
+                let i = {
+                    let mut next = next.lock().expect("counter lock");
+                    *next += 1;
+                    *next - 1
+                };
+                if i >= total {
+                    return errors;
+                }
+                let batch = vec![expected.texts()[(i + n) % expected.texts().len()].clone()];
+                match client.embed(batch.clone(), None).await {
+                    Ok(result) => {
+                        if let Err(e) = expected.check(&batch, &result) {
+                            errors.push(format!("request {i}: wrong answer: {e}"));
+                        }
+                    }
+                    Err(e) => {
+                        errors.push(format!("request {i}: {e}"));
+                        client = Client::connect(&socket).await.expect("client reconnects");
+                    }
+                }
+            }
+        }));
+    }
+    let mut errors = Vec::new();
+    for task in tasks {
+        errors.extend(task.await.expect("client task"));
+    }
+    errors
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leaking_workers_are_recycled_without_a_failed_request() {
+    // A loaded worker is ~135-150 MiB; the soft limit sits ~100 MiB above.
+    // The hard limit leaves room for the leak that continues while the
+    // replacement loads (recycles are one at a time).
+    let soft = 250 * MIB;
+    let hard = 700 * MIB;
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .set("soft_limit", "250MiB")
+            .set("hard_limit", "700MiB")
+            .set("min_lifetime_ms", 500)
+            .chaos("leak_bytes_per_request", (2 * MIB) as i64),
+    )
+    .await;
+    let expected = Expected::compute(&daemon, &sample_texts()).await;
+    let monitor = Monitor::start(&daemon);
+    let errors = tokio::time::timeout(
+        Duration::from_secs(600),
+        run_requests(&daemon, &expected, 2000, 4),
+    )
+    .await
+    .expect("2000 requests answered within 600 s");
+    let samples = monitor.stop().await;
+    assert!(
+        errors.is_empty(),
+        "{} failed requests: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+
+    let status = daemon.status().await;
+    println!(
+        "recycles {:?}, exits {:?}, {} samples",
+        status.counters.recycles,
+        status.counters.worker_exits,
+        samples.len()
+    );
+    assert!(
+        recycles(&status, "soft_limit") >= 3,
+        "several soft-limit recycles: {status:?}"
+    );
+    assert_eq!(
+        exits(&status, "killed_by_supervisor"),
+        0,
+        "no hard kills: {status:?}"
+    );
+    assert_eq!(
+        exits(&status, "oom_killed") + exits(&status, "likely_oom_killed"),
+        0
+    );
+    let max_rss = samples
+        .iter()
+        .flat_map(|s| s.workers.iter().filter_map(|w| w.rss_bytes))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        max_rss > soft,
+        "the leak really went over the soft limit: {max_rss}"
+    );
+    assert!(
+        max_rss < hard,
+        "no worker ever above the hard limit: {max_rss}"
+    );
+    let min_serving = samples.iter().map(serving).min().unwrap_or(0);
+    assert!(
+        min_serving >= 2,
+        "capacity dropped to {min_serving} serving workers"
+    );
+    assert!(
+        daemon.log().contains("soft_limit"),
+        "recycles are logged with their reason"
+    );
+}
+
+#[tokio::test]
+async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
+    // One worker: the request in flight at the OOM kill is retried on the
+    // fresh replacement (with two equally leaky workers the retry could
+    // land on one about to die too).
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .workers(1)
+            .set("hard_limit", "320MiB")
+            .chaos("leak_bytes_per_request", (8 * MIB) as i64),
+    )
+    .await;
+    let status = daemon.status().await;
+    if !status.workers.iter().any(|w| w.cgroup.is_some()) {
+        println!(
+            "skipped: no per-worker cgroup on this machine ({})",
+            status.cgroups
+        );
+        return;
+    }
+    let old_pid = status.workers[0].pid;
+    let mut client = daemon.client().await;
+    let texts = sample_texts();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut answered = 0;
+    loop {
+        let result = client
+            .embed(vec![texts[answered % texts.len()].clone()], None)
+            .await;
+        assert!(result.is_ok(), "request {answered} failed: {result:?}");
+        answered += 1;
+        let status = daemon.status().await;
+        if exits(&status, "oom_killed") >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no OOM kill after {answered} requests: {status:?}"
+        );
+    }
+    let status = daemon
+        .wait_for(
+            |s| ready_count(s) == 1 && s.workers.iter().all(|w| w.pid != old_pid),
+            RECOVERY,
+        )
+        .await;
+    assert_eq!(exits(&status, "killed_by_supervisor"), 0, "{status:?}");
+    assert!(
+        status.counters.retries >= 1,
+        "the in-flight request was retried: {status:?}"
+    );
+    let exit = status
+        .recent_exits
+        .iter()
+        .find(|e| e.pid == old_pid)
+        .expect("exit recorded");
+    assert_eq!(exit.kind, "oom_killed", "{exit:?}");
+    assert!(
+        daemon.log().contains("OOM-killed by the kernel"),
+        "classified in the log"
+    );
+    println!("OOM-killed after {answered} requests: {}", exit.description);
+}
+
+#[tokio::test]
+async fn supervisor_hard_limit_kill_is_never_called_oom() {
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .workers(1)
+            .set("cgroups", "off")
+            .set("hard_limit", "260MiB")
+            .chaos("leak_bytes_per_request", (4 * MIB) as i64),
+    )
+    .await;
+    let mut client = daemon.client().await;
+    let texts = sample_texts();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut answered = 0;
+    loop {
+        let result = client
+            .embed(vec![texts[answered % texts.len()].clone()], None)
+            .await;
+        assert!(result.is_ok(), "request {answered} failed: {result:?}");
+        answered += 1;
+        let status = daemon.status().await;
+        if exits(&status, "killed_by_supervisor") >= 1 {
+            assert_eq!(status.cgroups, "off (configured)");
+            assert_eq!(
+                exits(&status, "oom_killed") + exits(&status, "likely_oom_killed"),
+                0
+            );
+            let exit = status.recent_exits.last().expect("exit recorded");
+            assert!(exit.description.contains("hard_limit"), "{exit:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no hard-limit kill after {answered} requests"
+        );
+    }
+    daemon.wait_for(|s| ready_count(s) == 1, RECOVERY).await;
+    let log = daemon.log();
+    assert!(log.contains("killed by supervisor (hard_limit)"), "{log}");
+    assert!(!log.contains("OOM-killed"), "never guessed as OOM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hung_worker_is_killed_at_request_timeout() {
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .request_timeout(Duration::from_secs(2))
+            .chaos("hang_marker", "__hang__"),
+    )
+    .await;
+    let expected = Expected::compute(&daemon, &sample_texts()).await;
+    let load = BackgroundLoad::start(daemon.socket_path(), 2, &expected);
+    let mut client = daemon.client().await;
+    let started = Instant::now();
+    let err = client
+        .embed(vec!["__hang__".into()], None)
+        .await
+        .expect_err("a hung request cannot succeed");
+    assert!(
+        matches!(err, ClientError::Request(RequestError::Timeout { .. })),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "answered near the timeout"
+    );
+    load.wait_progress(10, RECOVERY).await;
+    let report = load.stop().await;
+    assert!(
+        report.errors.is_empty(),
+        "other clients unaffected: {:?}",
+        report.errors
+    );
+    let status = daemon
+        .wait_for(
+            |s| ready_count(s) == 2 && exits(s, "killed_by_supervisor") == 1,
+            RECOVERY,
+        )
+        .await;
+    assert!(
+        status
+            .recent_exits
+            .iter()
+            .any(|e| e.description.contains("request_timeout")),
+        "{:?}",
+        status.recent_exits
+    );
+    assert_eq!(status.counters.requests_failed.get("timeout"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_requests_recycles_one_worker_at_a_time() {
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .workers(4)
+            .set("max_requests", 40)
+            .set("min_lifetime_ms", 200),
+    )
+    .await;
+    let expected = Expected::compute(&daemon, &sample_texts()).await;
+    let monitor = Monitor::start(&daemon);
+    let errors = tokio::time::timeout(
+        Duration::from_secs(600),
+        run_requests(&daemon, &expected, 500, 4),
+    )
+    .await
+    .expect("500 requests answered within 600 s");
+    let samples = monitor.stop().await;
+    assert!(
+        errors.is_empty(),
+        "{} failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    let status = daemon.wait_for(|s| ready_count(s) == 4, RECOVERY).await;
+    assert!(
+        recycles(&status, "max_requests") >= 4,
+        "{:?}",
+        status.counters
+    );
+    assert_eq!(
+        exits(&status, "retired"),
+        recycles(&status, "max_requests").min(exits(&status, "retired"))
+    );
+    for sample in &samples {
+        let recycling = sample
+            .workers
+            .iter()
+            .filter(|w| w.replaces.is_some() || w.state == "draining" || w.state == "stopping")
+            .count();
+        // One replacement plus the worker it replaces can be seen at once,
+        // but never parts of two recycles.
+        let replacements = sample
+            .workers
+            .iter()
+            .filter(|w| w.replaces.is_some())
+            .count();
+        let leaving = recycling - replacements;
+        assert!(
+            replacements <= 1 && leaving <= 1,
+            "two recycles at once: {sample:?}"
+        );
+        assert!(serving(sample) >= 4, "capacity below 4: {sample:?}");
+    }
+}
+
+#[tokio::test]
+async fn missing_model_keeps_the_daemon_up_and_explains() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("no-such-model.onnx");
+    let daemon = Daemon::spawn(DaemonConfig::with_model((
+        missing.clone(),
+        dir.path().join("tokenizer.json"),
+    )));
+    let status = daemon
+        .wait_for(|s| s.unavailable_reason.is_some(), RECOVERY)
+        .await;
+    let reason = status.unavailable_reason.clone().unwrap_or_default();
+    assert!(reason.contains("no-such-model.onnx"), "{reason}");
+
+    let mut client = daemon.client().await;
+    match client.embed(vec!["hello".into()], None).await {
+        Err(ClientError::Request(RequestError::Unavailable { reason })) => {
+            assert!(reason.contains("no-such-model.onnx"), "{reason}")
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    // Over a 10-second window the spawn rate stays bounded (exponential
+    // backoff), and the daemon keeps answering.
+    let window = Instant::now();
+    let first = daemon.status().await.counters.workers_spawned;
+    while window.elapsed() < Duration::from_secs(10) {
+        let status = daemon.status().await;
+        assert!(status.unavailable_reason.is_some());
+        assert!(
+            status.counters.workers_spawned - first <= 8,
+            "{} spawns in {:?}",
+            status.counters.workers_spawned - first,
+            window.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        daemon.exit_status().is_none(),
+        "the daemon is still running"
+    );
+    let text = inferctl_status(&daemon);
+    assert!(text.contains("UNAVAILABLE"), "{text}");
+}
+
+fn inferctl_status(daemon: &Daemon) -> String {
+    let out = daemon
+        .inferctl()
+        .arg("status")
+        .output()
+        .expect("inferctl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
