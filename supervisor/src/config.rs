@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use clap::Parser;
 use inferd_proto::{ChaosOptions, RequestLimits, DEFAULT_MAX_FRAME_BYTES};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Smallest accepted memory limit: a loaded worker needs far more.
 const MIN_MEMORY_LIMIT: ByteSize = ByteSize::mib(16);
@@ -57,7 +57,7 @@ pub struct Args {
 }
 
 /// The resolved configuration. Field names are the TOML keys.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Client socket path.
@@ -101,11 +101,9 @@ pub struct Config {
     pub memory_metric: MemoryMetric,
     /// How often worker memory is read (also after every answer) (ms).
     pub memory_check_interval_ms: u64,
-    /// Recycle a worker after this many requests (plus its stagger).
+    /// Recycle a worker after about this many requests: each worker's own
+    /// threshold is spread between 1× and 1.5× so they do not recycle together.
     pub max_requests: Option<u64>,
-    /// Up to this many extra requests per worker, spread over the workers
-    /// so they do not reach `max_requests` together.
-    pub max_requests_jitter: u64,
     /// Recycle a worker after this long (s).
     pub max_lifetime_secs: Option<u64>,
     /// No graceful recycle of a worker younger than this (ms): anti-flapping.
@@ -128,7 +126,7 @@ pub struct Config {
 }
 
 /// The memory figure compared with the limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum MemoryMetric {
     /// Resident set size (`/proc/PID/statm`): cheap, counts shared pages.
@@ -141,7 +139,7 @@ pub enum MemoryMetric {
 }
 
 /// Whether workers get their own memory cgroup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupMode {
     /// Where the supervisor can create cgroups; otherwise procfs only.
@@ -175,7 +173,6 @@ impl Default for Config {
             memory_metric: MemoryMetric::Rss,
             memory_check_interval_ms: 1000,
             max_requests: None,
-            max_requests_jitter: 0,
             max_lifetime_secs: None,
             min_lifetime_ms: 5_000,
             max_concurrent_recycles: 1,
@@ -496,6 +493,37 @@ mod tests {
         let err =
             load_toml("model = \"/m\"\nsoft_limit = \"lots\"\n", Args::default()).unwrap_err();
         assert!(err.to_string().contains("soft_limit"), "{err}");
+    }
+
+    /// The shipped example documents the defaults: it must parse, and every
+    /// value it sets (other than the paths) must be the built-in default.
+    #[test]
+    fn example_config_parses_and_shows_the_defaults() {
+        let text = include_str!("../../systemd/inferd.toml");
+        let example: Config = toml::from_str(text).expect("systemd/inferd.toml parses");
+        let defaults = Config {
+            model: example.model.clone(),
+            ..Config::default()
+        };
+        assert_eq!(example, defaults);
+        // Every key of the schema is mentioned, commented out or not.
+        let documented = |key: &str| text.lines().any(|l| {
+            let l = l.trim_start_matches('#').trim_start();
+            l.starts_with(&format!("{key} =")) || l.starts_with(&format!("[{key}]"))
+        });
+        // Every optional key set, so serialising names them all.
+        let full = Config {
+            soft_limit: Some(ByteSize::mib(100)),
+            hard_limit: Some(ByteSize::mib(200)),
+            max_requests: Some(1),
+            max_lifetime_secs: Some(1),
+            cgroup_parent: Some("/x".into()),
+            ..Config::default()
+        };
+        let keys = toml::Table::try_from(&full).expect("config serialises");
+        for key in keys.keys() {
+            assert!(documented(key), "systemd/inferd.toml does not mention `{key}`");
+        }
     }
 
     #[test]
