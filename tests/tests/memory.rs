@@ -207,6 +207,8 @@ async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
         return;
     }
     let old_pid = status.workers[0].pid;
+    let old_cgroup = status.workers[0].cgroup.clone().expect("worker has a cgroup");
+    assert!(std::path::Path::new(&old_cgroup).is_dir(), "{old_cgroup}");
     let mut client = daemon.client().await;
     let texts = sample_texts();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -447,4 +449,50 @@ fn inferctl_status(daemon: &Daemon) -> String {
         .output()
         .expect("inferctl runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_deadlines_hold_for_running_and_queued_requests() {
+    // One worker, hung on purpose: the running request and the one queued
+    // behind it are both answered `timeout` at their own deadlines, long
+    // before request_timeout.
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .workers(1)
+            .request_timeout(Duration::from_secs(30))
+            .chaos("hang_marker", "__hang__"),
+    )
+    .await;
+    let socket = daemon.socket_path().to_path_buf();
+    let running = tokio::spawn(async move {
+        let mut client = Client::connect(&socket).await.expect("connect");
+        let started = Instant::now();
+        let result = client
+            .embed(vec!["__hang__".into()], Some(Duration::from_millis(800)))
+            .await;
+        (result, started.elapsed())
+    });
+    daemon
+        .wait_for(|s| s.workers.iter().any(|w| w.state == "busy"), RECOVERY)
+        .await;
+    let mut client = daemon.client().await;
+    let started = Instant::now();
+    let queued = client
+        .embed(vec!["queued behind a hung worker".into()], Some(Duration::from_millis(500)))
+        .await;
+    let queued_elapsed = started.elapsed();
+    let (running, running_elapsed) = running.await.expect("running request task");
+    for (what, result, elapsed) in [
+        ("running", running, running_elapsed),
+        ("queued", queued, queued_elapsed),
+    ] {
+        assert!(
+            matches!(result, Err(ClientError::Request(RequestError::Timeout { .. }))),
+            "{what}: {result:?}"
+        );
+        assert!(elapsed < Duration::from_secs(10), "{what} answered after {elapsed:?}");
+    }
+    let status = daemon.status().await;
+    assert_eq!(status.counters.requests_failed.get("timeout"), Some(&2), "{status:?}");
+    assert_eq!(exits(&status, "killed_by_supervisor"), 0, "the worker is not killed for a client deadline");
 }
