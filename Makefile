@@ -24,6 +24,7 @@ run: model build
 # The end-to-end tests start the real binaries, which `cargo test` does not
 # build for another package: build them first.
 test: model
+	scripts/verify-units
 	cargo build --workspace --bins
 	cargo test --workspace
 

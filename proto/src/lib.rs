@@ -45,7 +45,7 @@ pub use frame::{
 pub use message::*;
 
 /// Version of the message layer. Bump on any change to the message enums.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Everything that can go wrong on a framed connection.
 #[derive(Debug, thiserror::Error)]

@@ -45,6 +45,35 @@ pub enum ClientMessage {
         /// Client-chosen id, echoed in the answer.
         id: u64,
     },
+    /// Rolling restart of every worker (as SIGHUP does, without re-reading
+    /// the config file); answered when the roll is complete.
+    Roll {
+        /// Client-chosen id, echoed in the answer.
+        id: u64,
+    },
+    /// The counters and gauges in Prometheus text exposition format.
+    Metrics {
+        /// Client-chosen id, echoed in the answer.
+        id: u64,
+    },
+}
+
+impl ClientMessage {
+    /// The client's id for this request.
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Embed { id, .. }
+            | Self::Status { id }
+            | Self::Roll { id }
+            | Self::Metrics { id } => *id,
+        }
+    }
+
+    /// Operations that change or expose the daemon (as opposed to using it);
+    /// they can be restricted to a separate set of users.
+    pub fn is_control(&self) -> bool {
+        matches!(self, Self::Roll { .. } | Self::Metrics { .. })
+    }
 }
 
 /// Supervisor → client: exactly one per [`ClientMessage`].
@@ -64,6 +93,20 @@ pub enum ServerMessage {
         /// Pool snapshot.
         status: PoolStatus,
     },
+    /// Answer to [`ClientMessage::Roll`]: every worker was replaced.
+    Rolled {
+        /// The request's id.
+        id: u64,
+        /// Workers replaced by the roll.
+        replaced: u32,
+    },
+    /// Answer to [`ClientMessage::Metrics`].
+    Metrics {
+        /// The request's id.
+        id: u64,
+        /// Prometheus text exposition (format 0.0.4).
+        text: String,
+    },
     /// The request with this id failed.
     Error {
         /// The request's id.
@@ -77,7 +120,11 @@ impl ServerMessage {
     /// The id of the request this message answers.
     pub fn id(&self) -> u64 {
         match self {
-            Self::Embeddings { id, .. } | Self::Status { id, .. } | Self::Error { id, .. } => *id,
+            Self::Embeddings { id, .. }
+            | Self::Status { id, .. }
+            | Self::Rolled { id, .. }
+            | Self::Metrics { id, .. }
+            | Self::Error { id, .. } => *id,
         }
     }
 }
@@ -134,6 +181,12 @@ pub enum RequestError {
         /// Why, in words an operator can act on.
         reason: String,
     },
+    /// This client (by its uid/gid) may not make this request.
+    #[error("permission denied: {reason}")]
+    PermissionDenied {
+        /// Which rule refused it.
+        reason: String,
+    },
     /// A bug or an unexpected condition in the daemon.
     #[error("internal error: {message}")]
     Internal {
@@ -152,6 +205,7 @@ impl RequestError {
             Self::WorkerLost { .. } => "worker_lost",
             Self::ShuttingDown => "shutting_down",
             Self::Unavailable { .. } => "unavailable",
+            Self::PermissionDenied { .. } => "permission_denied",
             Self::Internal { .. } => "internal",
         }
     }

@@ -10,6 +10,8 @@ use clap::Parser;
 use inferd_proto::{ChaosOptions, RequestLimits, DEFAULT_MAX_FRAME_BYTES};
 use serde::{Deserialize, Serialize};
 
+use crate::access::AccessPolicy;
+
 /// Smallest accepted memory limit: a loaded worker needs far more.
 const MIN_MEMORY_LIMIT: ByteSize = ByteSize::mib(16);
 
@@ -64,6 +66,8 @@ pub struct Config {
     pub socket: PathBuf,
     /// Client socket permission bits, as an octal string ("0660").
     pub socket_mode: String,
+    /// Group owning the client socket (name or number); unset: the daemon's.
+    pub socket_group: Option<String>,
     /// Target number of worker processes.
     pub workers: u32,
     /// ONNX model file.
@@ -121,6 +125,8 @@ pub struct Config {
     pub max_restarts: u32,
     /// ...within this many seconds slow restarts down (exponential backoff).
     pub restart_period_secs: u64,
+    /// Who may connect, and who may run control operations.
+    pub access: AccessPolicy,
     /// Test-only worker behaviours; never enable in production.
     pub chaos: ChaosOptions,
 }
@@ -154,6 +160,7 @@ impl Default for Config {
         Self {
             socket: PathBuf::from("/run/inferd/inferd.sock"),
             socket_mode: "0660".into(),
+            socket_group: None,
             workers: 2,
             model: PathBuf::new(),
             tokenizer: PathBuf::new(),
@@ -181,6 +188,7 @@ impl Default for Config {
             cgroup_parent: None,
             max_restarts: 5,
             restart_period_secs: 60,
+            access: AccessPolicy::default(),
             chaos: ChaosOptions::default(),
         }
     }
@@ -199,7 +207,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The config file is not valid TOML for this schema.
-    #[error("invalid config file {path}: {source}")]
+    #[error("invalid config file {path}")]
     ParseFile {
         /// The file.
         path: PathBuf,
@@ -492,7 +500,8 @@ mod tests {
         assert!(err.to_string().contains("soft_limit"), "{err}");
         let err =
             load_toml("model = \"/m\"\nsoft_limit = \"lots\"\n", Args::default()).unwrap_err();
-        assert!(err.to_string().contains("soft_limit"), "{err}");
+        let text = inferd_proto::error_chain(&err);
+        assert!(text.contains("soft_limit"), "{text}");
     }
 
     /// The shipped example documents the defaults: it must parse, and every
@@ -507,10 +516,12 @@ mod tests {
         };
         assert_eq!(example, defaults);
         // Every key of the schema is mentioned, commented out or not.
-        let documented = |key: &str| text.lines().any(|l| {
-            let l = l.trim_start_matches('#').trim_start();
-            l.starts_with(&format!("{key} =")) || l.starts_with(&format!("[{key}]"))
-        });
+        let documented = |key: &str| {
+            text.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim_start();
+                l.starts_with(&format!("{key} =")) || l.starts_with(&format!("[{key}]"))
+            })
+        };
         // Every optional key set, so serialising names them all.
         let full = Config {
             soft_limit: Some(ByteSize::mib(100)),
@@ -518,18 +529,23 @@ mod tests {
             max_requests: Some(1),
             max_lifetime_secs: Some(1),
             cgroup_parent: Some("/x".into()),
+            socket_group: Some("inferd".into()),
             ..Config::default()
         };
         let keys = toml::Table::try_from(&full).expect("config serialises");
         for key in keys.keys() {
-            assert!(documented(key), "systemd/inferd.toml does not mention `{key}`");
+            assert!(
+                documented(key),
+                "systemd/inferd.toml does not mention `{key}`"
+            );
         }
     }
 
     #[test]
     fn unknown_key_is_an_error_naming_it() {
         let err = load_toml("model = \"/m\"\nworkerz = 3\n", Args::default()).unwrap_err();
-        assert!(err.to_string().contains("workerz"), "{err}");
+        let text = inferd_proto::error_chain(&err);
+        assert!(text.contains("workerz"), "{text}");
     }
 
     #[test]

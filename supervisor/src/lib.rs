@@ -7,10 +7,14 @@
 //! every task watches; the pool then drains and stops its workers, and the
 //! socket file is removed when the listener is dropped.
 
+pub mod access;
+pub mod activation;
 pub mod cgroup;
 pub mod config;
 pub mod listener;
 pub mod memory;
+pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod pool;
 pub mod process;
@@ -43,6 +47,9 @@ pub enum DaemonError {
     /// The client socket could not be set up.
     #[error(transparent)]
     Listen(#[from] listener::ListenerError),
+    /// systemd passed a socket that cannot be used.
+    #[error("socket activation failed")]
+    Activation(#[from] activation::ActivationError),
     /// A signal handler could not be installed.
     #[error("cannot install the {0} handler")]
     Signal(&'static str, #[source] std::io::Error),
@@ -55,10 +62,11 @@ pub enum DaemonError {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains and returns.
+/// `args` are kept to re-read the configuration on SIGHUP.
 /// Must run on a current-thread runtime: workers die with the thread that
 /// spawned them (`PR_SET_PDEATHSIG`).
-pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let config = Arc::new(config);
+pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
+    let mut config = Arc::new(config);
     if !config.model.exists() {
         warn!(model = %config.model.display(), "model file does not exist; workers will fail to start");
     }
@@ -66,14 +74,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
-    let mut socket = listener::ClientSocket::bind(
-        &config.socket,
-        config.socket_mode_bits().map_err(|_| {
-            // Validated at load; unreachable in practice.
-            listener::ListenerError::NotASocket(config.socket.clone())
-        })?,
-    )
-    .await?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
+    let notifier = notify::Notifier::from_env();
+    let mut socket = match activation::listener_from_env()? {
+        Some(passed) => listener::ClientSocket::adopt(passed, &config.socket)?,
+        None => {
+            let mode = config.socket_mode_bits().map_err(|_| {
+                // Validated at load; unreachable in practice.
+                listener::ListenerError::NotASocket(config.socket.clone())
+            })?;
+            let socket = listener::ClientSocket::bind(&config.socket, mode).await?;
+            if let Some(group) = &config.socket_group {
+                socket.set_group(group)?;
+            }
+            socket
+        }
+    };
 
     let shutdown = CancellationToken::new();
     let (pool_tx, pool_rx) = mpsc::channel(POOL_CHANNEL);
@@ -81,6 +97,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         memory: Box::new(memory::ProcfsMemory::new(
             config.memory_metric != config::MemoryMetric::Rss,
         )),
+        notifier: notify::Notifier::from_env(),
         ..prepare_cgroups(&config)
     };
     let mut pool_task = tokio::spawn(pool::Pool::run(
@@ -99,6 +116,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break None; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break None; }
+            _ = sighup.recv() => {
+                notifier.reloading();
+                if let Some(reloaded) = reload(&args, &config, &notifier) {
+                    config = reloaded;
+                    // The pool answers nothing here: the roll runs on its own.
+                    let _ = pool_tx.send(pool::PoolMsg::Roll { config: Some(config.clone()), responder: None }).await;
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     connections.spawn(server::serve_client(stream, config.clone(), pool_tx.clone(), shutdown.clone()));
@@ -147,6 +172,7 @@ fn prepare_cgroups(config: &Config) -> pool::Seams {
         memory: Box::new(memory::FakeMemory::new()),
         cgroups: None,
         cgroup_summary: summary,
+        notifier: notify::Notifier::disabled(),
     };
     if config.cgroups == config::CgroupMode::Off {
         info!("per-worker cgroups off (cgroups = \"off\"); memory limits are enforced from procfs");
@@ -168,6 +194,7 @@ fn prepare_cgroups(config: &Config) -> pool::Seams {
                 memory: Box::new(memory::FakeMemory::new()),
                 cgroups: Some(cgroups),
                 cgroup_summary: summary,
+                notifier: notify::Notifier::disabled(),
             }
         }
         Err(err) => {
@@ -176,4 +203,55 @@ fn prepare_cgroups(config: &Config) -> pool::Seams {
             none(format!("unavailable: {reason}"))
         }
     }
+}
+
+/// Re-reads the configuration for SIGHUP. An invalid file is logged and
+/// changes nothing; settings that only take effect at start (the socket and
+/// the framing limit) keep their running values, with a warning.
+fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Option<Arc<Config>> {
+    let mut new = match Config::load(args) {
+        Ok(new) => new,
+        Err(err) => {
+            // One log line: TOML errors come with a multi-line snippet.
+            let reason = inferd_proto::error_chain(&err)
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            error!(error = %reason, "SIGHUP: invalid configuration; keeping the running one and rolling nothing");
+            // systemd waits for READY=1 after a reload, even a failed one.
+            notifier.ready(&format!("reload failed: {reason}"));
+            return None;
+        }
+    };
+    let start_only = [
+        ("socket", new.socket != running.socket),
+        ("socket_mode", new.socket_mode != running.socket_mode),
+        ("socket_group", new.socket_group != running.socket_group),
+        (
+            "max_frame_bytes",
+            new.max_frame_bytes != running.max_frame_bytes,
+        ),
+        (
+            "cgroups",
+            new.cgroups != running.cgroups || new.cgroup_parent != running.cgroup_parent,
+        ),
+    ];
+    for (key, changed) in start_only {
+        if changed {
+            warn!(
+                key,
+                "SIGHUP: this setting only takes effect at start; keeping the running value"
+            );
+        }
+    }
+    new.socket = running.socket.clone();
+    new.socket_mode = running.socket_mode.clone();
+    new.socket_group = running.socket_group.clone();
+    new.max_frame_bytes = running.max_frame_bytes;
+    new.cgroups = running.cgroups;
+    new.cgroup_parent = running.cgroup_parent.clone();
+    info!("SIGHUP: configuration re-read; rolling every worker");
+    Some(Arc::new(new))
 }

@@ -35,6 +35,20 @@ pub enum ListenerError {
         #[source]
         source: io::Error,
     },
+    /// `socket_group` names no group.
+    #[error("socket_group {0:?} is not a known group")]
+    UnknownGroup(String),
+    /// chown failed.
+    #[error("cannot give {path} to group {group}")]
+    SetGroup {
+        /// The path.
+        path: PathBuf,
+        /// The group.
+        group: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// chmod failed.
     #[error("cannot set mode {mode:o} on {path}")]
     SetMode {
@@ -56,8 +70,9 @@ pub struct ClientSocket {
     listener: Option<UnixListener>,
     /// Where it is bound.
     path: PathBuf,
-    /// (device, inode) of the socket file we created.
-    identity: (u64, u64),
+    /// (device, inode) of the socket file we created; `None` for a socket
+    /// systemd passed us, whose file systemd owns.
+    identity: Option<(u64, u64)>,
 }
 
 impl ClientSocket {
@@ -98,7 +113,43 @@ impl ClientSocket {
         Ok(ClientSocket {
             listener: Some(listener),
             path: path.to_owned(),
-            identity: (meta.dev(), meta.ino()),
+            identity: Some((meta.dev(), meta.ino())),
+        })
+    }
+
+    /// Takes a listening socket passed by systemd (socket activation). Its
+    /// file belongs to systemd: mode and group come from the `.socket` unit,
+    /// and it is not removed on exit.
+    pub fn adopt(
+        listener: std::os::unix::net::UnixListener,
+        path: &Path,
+    ) -> Result<ClientSocket, ListenerError> {
+        let listener = UnixListener::from_std(listener).map_err(|source| ListenerError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+        info!(path = %path.display(), "listening on the socket systemd passed (socket activation)");
+        Ok(ClientSocket {
+            listener: Some(listener),
+            path: path.to_owned(),
+            identity: None,
+        })
+    }
+
+    /// Gives the socket file to `group` (a name or a number), so members of
+    /// that group can connect (with mode 0660).
+    pub fn set_group(&self, group: &str) -> Result<(), ListenerError> {
+        let gid = match group.parse::<u32>() {
+            Ok(gid) => nix::unistd::Gid::from_raw(gid),
+            Err(_) => match nix::unistd::Group::from_name(group) {
+                Ok(Some(found)) => found.gid,
+                _ => return Err(ListenerError::UnknownGroup(group.to_owned())),
+            },
+        };
+        nix::unistd::chown(&self.path, None, Some(gid)).map_err(|source| ListenerError::SetGroup {
+            path: self.path.clone(),
+            group: group.to_owned(),
+            source: source.into(),
         })
     }
 
@@ -117,7 +168,7 @@ impl Drop for ClientSocket {
     fn drop(&mut self) {
         self.listener = None;
         match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) if (meta.dev(), meta.ino()) == self.identity => {
+            Ok(meta) if Some((meta.dev(), meta.ino())) == self.identity => {
                 if let Err(err) = std::fs::remove_file(&self.path) {
                     warn!(path = %self.path.display(), error = %err, "cannot remove socket");
                 }

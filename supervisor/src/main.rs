@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(inferd_supervisor::run(config)) {
+    match runtime.block_on(inferd_supervisor::run(args, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("inferd failed: {:#}", anyhow::Error::from(err));

@@ -36,6 +36,8 @@ pub struct WorkerFacts {
     pub requests_served: u64,
     /// Memory figure per the configured metric, if it could be read.
     pub memory_bytes: Option<u64>,
+    /// Started before the latest rolling restart began.
+    pub stale: bool,
 }
 
 /// What to do with a worker.
@@ -104,6 +106,10 @@ impl RecyclePolicy {
         let memory = facts.memory_bytes.unwrap_or(0);
         if self.hard_limit.is_some_and(|hard| memory > hard) {
             return Verdict::Kill(KillReason::HardLimit);
+        }
+        // A roll replaces every worker, young ones included.
+        if facts.stale {
+            return Verdict::Recycle(RetireReason::Roll);
         }
         if facts.age < self.min_lifetime {
             return Verdict::Keep;
@@ -236,6 +242,7 @@ mod tests {
             age: Duration::from_secs(60),
             requests_served: 10,
             memory_bytes: Some(memory),
+            stale: false,
         }
     }
 
@@ -298,6 +305,24 @@ mod tests {
         };
         assert_eq!(
             policy().judge(&young_and_huge),
+            Verdict::Kill(KillReason::HardLimit)
+        );
+    }
+
+    #[test]
+    fn a_roll_replaces_even_young_workers_but_hard_limit_comes_first() {
+        let stale = WorkerFacts {
+            age: Duration::from_millis(10),
+            stale: true,
+            ..facts(100 * MIB)
+        };
+        assert_eq!(policy().judge(&stale), Verdict::Recycle(RetireReason::Roll));
+        let stale_and_huge = WorkerFacts {
+            memory_bytes: Some(500 * MIB),
+            ..stale
+        };
+        assert_eq!(
+            policy().judge(&stale_and_huge),
             Verdict::Kill(KillReason::HardLimit)
         );
     }

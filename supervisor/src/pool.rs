@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::cgroup::{self, Cgroups, Leaf};
 use crate::config::Config;
 use crate::memory::MemorySource;
+use crate::notify::Notifier;
 use crate::policy::{RecyclePolicy, RestartPacer, Verdict, WorkerFacts};
 use crate::process::{self, KillReason, OomEvidence, RetireReason, WorkerEnd};
 use crate::request::{Request, Responder};
@@ -64,6 +65,46 @@ pub enum PoolMsg {
         /// Where the answer goes.
         responder: Responder,
     },
+    /// Report the counters as Prometheus text.
+    Metrics {
+        /// Where the answer goes.
+        responder: Responder,
+    },
+    /// Start a rolling restart of every worker, with a new configuration
+    /// (SIGHUP re-read the file) or the running one (`inferctl roll`).
+    Roll {
+        /// The configuration workers spawned from now on use.
+        config: Option<Arc<Config>>,
+        /// Answered when the roll is complete.
+        responder: Option<Responder>,
+    },
+}
+
+impl PoolMsg {
+    /// Answers the request inside with `error` (the pool is gone).
+    pub fn refuse(self, error: RequestError) {
+        match self {
+            Self::Embed { responder, .. }
+            | Self::Status { responder }
+            | Self::Metrics { responder } => responder.fail(error),
+            Self::Roll { responder, .. } => {
+                if let Some(responder) = responder {
+                    responder.fail(error);
+                }
+            }
+        }
+    }
+}
+
+/// A rolling restart in progress.
+#[derive(Debug)]
+struct RollProgress {
+    /// Workers of an older generation are replaced.
+    generation: u64,
+    /// `counters.recycles["roll"]` when it began, to count what it replaced.
+    recycles_before: u64,
+    /// `inferctl roll` callers waiting for it to finish.
+    waiters: Vec<Responder>,
 }
 
 /// Fatal pool failures (per-worker trouble is never fatal).
@@ -95,6 +136,8 @@ pub struct Seams {
     pub cgroups: Option<Cgroups>,
     /// One line on the cgroup situation, for status.
     pub cgroup_summary: String,
+    /// systemd's notification socket (a no-op outside systemd).
+    pub notifier: Notifier,
 }
 
 /// The pool task's state.
@@ -123,6 +166,16 @@ pub struct Pool {
     last_memory_check: Instant,
     /// Latest worker exits, newest last.
     recent_exits: VecDeque<ExitRecord>,
+    /// Current roll generation; workers remember theirs.
+    generation: u64,
+    /// The rolling restart under way, if any.
+    roll: Option<RollProgress>,
+    /// READY=1 was sent (once the first worker is Ready).
+    announced_ready: bool,
+    /// The last STATUS= line sent, to send only changes.
+    last_status_line: String,
+    /// Last WATCHDOG=1.
+    last_watchdog: Instant,
     /// Running or draining.
     phase: Phase,
     /// Pool start, for uptime.
@@ -153,6 +206,11 @@ impl Pool {
             seams,
             last_memory_check: now,
             recent_exits: VecDeque::new(),
+            generation: 0,
+            roll: None,
+            announced_ready: false,
+            last_status_line: String::new(),
+            last_watchdog: now,
             phase: Phase::Running,
             started: now,
             config,
@@ -184,11 +242,83 @@ impl Pool {
     fn handle_msg(&mut self, msg: PoolMsg, now: Instant) {
         match msg {
             PoolMsg::Status { responder } => responder.status(self.status(now)),
+            PoolMsg::Metrics { responder } => {
+                responder.metrics(crate::metrics::render(&self.status(now)))
+            }
             PoolMsg::Embed {
                 texts,
                 deadline,
                 responder,
             } => self.accept(texts, deadline, responder, now),
+            PoolMsg::Roll { config, responder } => self.begin_roll(config, responder, now),
+        }
+    }
+
+    /// Starts (or restarts) a rolling restart: every worker spawned before
+    /// now is replaced through the recycle pipeline. A roll that begins
+    /// while another runs supersedes it; workers the first one already
+    /// started stay, only older ones are replaced, each once.
+    fn begin_roll(
+        &mut self,
+        config: Option<Arc<Config>>,
+        responder: Option<Responder>,
+        now: Instant,
+    ) {
+        if !matches!(self.phase, Phase::Running) {
+            if let Some(responder) = responder {
+                responder.fail(RequestError::ShuttingDown);
+            }
+            return;
+        }
+        if let Some(config) = config {
+            self.policy = RecyclePolicy::from_config(&config);
+            self.config = config;
+        }
+        self.generation += 1;
+        let mut waiters = self.roll.take().map(|r| r.waiters).unwrap_or_default();
+        waiters.extend(responder);
+        let to_replace = self.workers.values().filter(|w| w.is_live()).count();
+        info!(
+            generation = self.generation,
+            workers = to_replace,
+            "rolling restart begins"
+        );
+        self.seams.notifier.reloading();
+        self.roll = Some(RollProgress {
+            generation: self.generation,
+            recycles_before: self.counters.recycles.get("roll").copied().unwrap_or(0),
+            waiters,
+        });
+        self.advance_roll(now);
+    }
+
+    /// Moves a roll along: judge the workers it still has to replace, and
+    /// finish it once none is left.
+    fn advance_roll(&mut self, now: Instant) {
+        let Some(roll) = &self.roll else { return };
+        let generation = roll.generation;
+        let stale: Vec<u64> = self
+            .workers
+            .values()
+            .filter(|w| w.generation < generation && (w.is_live() || w.has_job()))
+            .map(|w| w.id)
+            .collect();
+        let replacing = self.workers.values().any(|w| w.replaces.is_some());
+        if stale.is_empty() && !replacing {
+            if let Some(roll) = self.roll.take() {
+                let replaced =
+                    self.counters.recycles.get("roll").copied().unwrap_or(0) - roll.recycles_before;
+                info!(generation, replaced, "rolling restart complete");
+                self.announced_ready = true;
+                self.seams.notifier.ready(&self.status_line());
+                for waiter in roll.waiters {
+                    waiter.rolled(replaced as u32);
+                }
+            }
+            return;
+        }
+        for worker_id in stale {
+            self.judge_worker(worker_id, now);
         }
     }
 
@@ -290,6 +420,12 @@ impl Pool {
                     self.pacer.started();
                     if let Some((old_id, reason)) = worker.replaces.take() {
                         self.hand_over(old_id, worker_id, reason, now);
+                    }
+                    if !self.announced_ready && self.roll.is_none() {
+                        // The socket is bound before the pool starts, so
+                        // this is the moment the daemon can serve.
+                        self.announced_ready = true;
+                        self.seams.notifier.ready(&self.status_line());
                     }
                 } else {
                     warn!(
@@ -484,7 +620,11 @@ impl Pool {
                 .take()
                 .unwrap_or_else(|| format!("worker {kind} before it was ready"));
             self.start_failed(reason, now);
-        } else if end.is_some_and(|end| !end.was_requested()) {
+        } else if end.is_some_and(|end| {
+            // OOM kills are the leaks inferd contains, not a crash loop:
+            // each replacement must load and serve before it can die again.
+            !end.was_requested() && !matches!(end, WorkerEnd::OomKilled { .. })
+        }) {
             if let Some(delay) = self.pacer.unexpected_exit(now) {
                 error!(
                     max_restarts = self.config.max_restarts,
@@ -571,6 +711,7 @@ impl Pool {
             Ok(mut worker) => {
                 info!(worker_id, pid = pid.as_raw(), cgroup = ?worker.leaf.as_ref().map(Leaf::path), "worker spawned");
                 worker.replaces = replaces;
+                worker.generation = self.generation;
                 self.counters.workers_spawned += 1;
                 self.workers.insert(worker_id, worker);
                 Some(worker_id)
@@ -628,6 +769,7 @@ impl Pool {
             age: now.duration_since(worker.spawned),
             requests_served: worker.requests_served,
             memory_bytes: self.policy.measure(self.seams.memory.as_ref(), worker.pid),
+            stale: worker.generation < self.generation,
         };
         let being_replaced = self
             .workers
@@ -718,11 +860,85 @@ impl Pool {
                 self.judge_worker(worker_id, now);
             }
         }
+        self.advance_roll(now);
         if let Phase::Draining { deadline } = self.phase {
             self.drain_step(deadline, now);
         }
+        self.retire_surplus(now);
         self.ensure_workers(now);
         self.dispatch(now);
+        self.report_to_systemd(now);
+    }
+
+    /// STATUS= when the summary changed; WATCHDOG=1 while healthy (workers
+    /// can be started), so systemd restarts a daemon stuck unable to serve.
+    fn report_to_systemd(&mut self, now: Instant) {
+        if !self.seams.notifier.is_enabled() {
+            return;
+        }
+        let line = self.status_line();
+        if line != self.last_status_line {
+            self.seams.notifier.status(&line);
+            self.last_status_line = line;
+        }
+        if let Some(interval) = self.seams.notifier.watchdog_interval() {
+            if now.duration_since(self.last_watchdog) >= interval && self.unavailable().is_none() {
+                self.seams.notifier.watchdog();
+                self.last_watchdog = now;
+            }
+        }
+    }
+
+    /// One line for systemd's STATUS=: workers ready/total, recycles, OOM kills.
+    fn status_line(&self) -> String {
+        let ready = self.workers.values().filter(|w| w.is_serving()).count();
+        let recycles: u64 = self.counters.recycles.values().sum();
+        let oom: u64 = ["oom_killed", "likely_oom_killed"]
+            .iter()
+            .filter_map(|k| self.counters.worker_exits.get(*k))
+            .sum();
+        let mut line = format!(
+            "{ready}/{} workers ready, {recycles} recycles, {oom} OOM kills, queue {}",
+            self.config.workers,
+            self.queue.len()
+        );
+        if let Some(reason) = self.unavailable() {
+            line = format!("UNAVAILABLE: {reason}");
+        } else if self.roll.is_some() {
+            line.push_str(", rolling");
+        }
+        line
+    }
+
+    /// After a reload lowered `workers`: retire idle workers, one per tick,
+    /// until the pool is back at its target (replacements under way do not
+    /// count; they take over another worker's place).
+    fn retire_surplus(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let established = self
+            .workers
+            .values()
+            .filter(|w| w.is_live() && w.replaces.is_none())
+            .count();
+        if established <= self.config.workers as usize {
+            return;
+        }
+        let idle = self
+            .workers
+            .values_mut()
+            .filter(|w| matches!(w.state(), WorkerState::Ready { .. }))
+            .min_by_key(|w| w.spawned);
+        if let Some(worker) = idle {
+            info!(
+                worker_id = worker.id,
+                pid = worker.pid.as_raw(),
+                target = self.config.workers,
+                "retiring a surplus worker"
+            );
+            worker.retire(RetireReason::Roll, now);
+        }
     }
 
     fn enforce_worker_deadlines(&mut self, now: Instant) {
@@ -804,6 +1020,12 @@ impl Pool {
             "draining: no new requests; finishing queued and running ones"
         );
         self.phase = Phase::Draining { deadline };
+        self.seams.notifier.stopping();
+        if let Some(roll) = self.roll.take() {
+            for waiter in roll.waiters {
+                waiter.fail(RequestError::ShuttingDown);
+            }
+        }
         self.drain_step(deadline, now);
     }
 

@@ -169,6 +169,8 @@ pub enum RetireReason {
     MaxRequests,
     /// It lived `max_lifetime_secs` (staggered).
     MaxLifetime,
+    /// Rolling restart (SIGHUP or `inferctl roll`).
+    Roll,
 }
 
 /// Why the supervisor SIGKILLed a worker.
@@ -195,6 +197,7 @@ impl fmt::Display for RetireReason {
             Self::SoftLimit => "soft_limit",
             Self::MaxRequests => "max_requests",
             Self::MaxLifetime => "max_lifetime",
+            Self::Roll => "roll",
         })
     }
 }

@@ -38,6 +38,24 @@ impl Responder {
         });
     }
 
+    /// Answers any request with an error.
+    pub fn fail(self, error: RequestError) {
+        let id = self.id;
+        self.send(ServerMessage::Error { id, error });
+    }
+
+    /// Answers a roll request: complete, `replaced` workers replaced.
+    pub fn rolled(self, replaced: u32) {
+        let id = self.id;
+        self.send(ServerMessage::Rolled { id, replaced });
+    }
+
+    /// Answers a metrics request.
+    pub fn metrics(self, text: String) {
+        let id = self.id;
+        self.send(ServerMessage::Metrics { id, text });
+    }
+
     /// Answers a status request.
     pub fn status(self, status: PoolStatus) {
         let id = self.id;

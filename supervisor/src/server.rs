@@ -10,8 +10,9 @@ use inferd_proto::{ClientMessage, Connection, RequestError, ServerMessage};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::access::Peer;
 use crate::config::Config;
 use crate::pool::PoolMsg;
 use crate::request::Responder;
@@ -27,6 +28,30 @@ pub async fn serve_client(
     pool: mpsc::Sender<PoolMsg>,
     shutdown: CancellationToken,
 ) {
+    let peer = match stream.peer_cred() {
+        Ok(cred) => Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        },
+        Err(err) => {
+            warn!(error = %err, "cannot read the client's credentials; closing");
+            return;
+        }
+    };
+    let span = info_span!("conn", peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = ?peer.pid);
+    serve_peer(stream, peer, config, pool, shutdown)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_peer(
+    stream: UnixStream,
+    peer: Peer,
+    config: Arc<Config>,
+    pool: mpsc::Sender<PoolMsg>,
+    shutdown: CancellationToken,
+) {
     let mut conn = ClientConnection::new(stream, config.max_frame_bytes);
     match conn.handshake("inferd").await {
         Ok(hello) => debug!(peer = %hello.software, "client connected"),
@@ -34,6 +59,11 @@ pub async fn serve_client(
             info!(error = %err, "client handshake failed; closing");
             return;
         }
+    }
+    if let Err(reason) = config.access.admit(peer) {
+        warn!(%reason, "refusing client");
+        refuse_peer(&mut conn, reason).await;
+        return;
     }
     let (answers_tx, mut answers) = mpsc::unbounded_channel::<ServerMessage>();
     let mut outstanding: usize = 0;
@@ -43,7 +73,15 @@ pub async fn serve_client(
             message = conn.recv(), if reading => match message {
                 Ok(Some(message)) => {
                     outstanding += 1;
-                    submit(message, &answers_tx, &pool, &shutdown).await;
+                    let responder = Responder::new(message.id(), answers_tx.clone());
+                    if message.is_control() {
+                        if let Err(reason) = config.access.control(peer) {
+                            warn!(%reason, "refusing control request");
+                            responder.fail(RequestError::PermissionDenied { reason });
+                            continue;
+                        }
+                    }
+                    submit(message, responder, &pool, &shutdown).await;
                 }
                 Ok(None) => {
                     debug!("client closed its end");
@@ -72,44 +110,49 @@ pub async fn serve_client(
     }
 }
 
-/// Hands one request to the pool; requests after shutdown began are answered
-/// at once.
+/// Answers the refused peer's first request with `permission denied`, so it
+/// learns why, then the connection closes.
+async fn refuse_peer(conn: &mut ClientConnection, reason: String) {
+    let first = tokio::time::timeout(inferd_proto::HANDSHAKE_TIMEOUT, conn.recv()).await;
+    if let Ok(Ok(Some(message))) = first {
+        let answer = ServerMessage::Error {
+            id: message.id(),
+            error: RequestError::PermissionDenied { reason },
+        };
+        let _ = conn.send(&answer).await;
+    }
+}
+
+/// Hands one request to the pool; embed requests after shutdown began are
+/// answered at once.
 async fn submit(
     message: ClientMessage,
-    answers: &mpsc::UnboundedSender<ServerMessage>,
+    responder: Responder,
     pool: &mpsc::Sender<PoolMsg>,
     shutdown: &CancellationToken,
 ) {
-    let (msg, id) = match message {
+    let msg = match message {
         ClientMessage::Embed {
-            id,
-            texts,
-            deadline_ms,
-        } => (
+            texts, deadline_ms, ..
+        } => {
+            if shutdown.is_cancelled() {
+                responder.fail(RequestError::ShuttingDown);
+                return;
+            }
             PoolMsg::Embed {
                 texts,
                 deadline: deadline_ms.map(Duration::from_millis),
-                responder: Responder::new(id, answers.clone()),
-            },
-            id,
-        ),
-        ClientMessage::Status { id } => (
-            PoolMsg::Status {
-                responder: Responder::new(id, answers.clone()),
-            },
-            id,
-        ),
+                responder,
+            }
+        }
+        ClientMessage::Status { .. } => PoolMsg::Status { responder },
+        ClientMessage::Metrics { .. } => PoolMsg::Metrics { responder },
+        ClientMessage::Roll { .. } => PoolMsg::Roll {
+            config: None,
+            responder: Some(responder),
+        },
     };
-    let refuse = |msg: PoolMsg| match msg {
-        PoolMsg::Embed { responder, .. } => responder.embed(Err(RequestError::ShuttingDown)),
-        PoolMsg::Status { responder } => responder.embed(Err(RequestError::ShuttingDown)),
-    };
-    if shutdown.is_cancelled() && matches!(msg, PoolMsg::Embed { .. }) {
-        debug!(client_request_id = id, "refusing request: shutting down");
-        refuse(msg);
-        return;
-    }
     if let Err(mpsc::error::SendError(msg)) = pool.send(msg).await {
-        refuse(msg);
+        msg.refuse(RequestError::ShuttingDown);
     }
 }

@@ -117,6 +117,9 @@ pub struct Worker {
     pub ready_at: Option<Instant>,
     /// Requests answered.
     pub requests_served: u64,
+    /// The pool's roll generation when it was spawned: a roll replaces every
+    /// worker of an older generation.
+    pub generation: u64,
     /// Set on a worker spawned to replace another: (old id, why). When this
     /// one is Ready, the old one drains.
     pub replaces: Option<(u64, RetireReason)>,
@@ -161,6 +164,7 @@ impl Worker {
             spawned: now,
             ready_at: None,
             requests_served: 0,
+            generation: 0,
             replaces: None,
             memory: None,
             load_error: None,

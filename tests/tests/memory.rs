@@ -207,7 +207,10 @@ async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
         return;
     }
     let old_pid = status.workers[0].pid;
-    let old_cgroup = status.workers[0].cgroup.clone().expect("worker has a cgroup");
+    let old_cgroup = status.workers[0]
+        .cgroup
+        .clone()
+        .expect("worker has a cgroup");
     assert!(std::path::Path::new(&old_cgroup).is_dir(), "{old_cgroup}");
     let mut client = daemon.client().await;
     let texts = sample_texts();
@@ -478,7 +481,10 @@ async fn client_deadlines_hold_for_running_and_queued_requests() {
     let mut client = daemon.client().await;
     let started = Instant::now();
     let queued = client
-        .embed(vec!["queued behind a hung worker".into()], Some(Duration::from_millis(500)))
+        .embed(
+            vec!["queued behind a hung worker".into()],
+            Some(Duration::from_millis(500)),
+        )
         .await;
     let queued_elapsed = started.elapsed();
     let (running, running_elapsed) = running.await.expect("running request task");
@@ -487,12 +493,26 @@ async fn client_deadlines_hold_for_running_and_queued_requests() {
         ("queued", queued, queued_elapsed),
     ] {
         assert!(
-            matches!(result, Err(ClientError::Request(RequestError::Timeout { .. }))),
+            matches!(
+                result,
+                Err(ClientError::Request(RequestError::Timeout { .. }))
+            ),
             "{what}: {result:?}"
         );
-        assert!(elapsed < Duration::from_secs(10), "{what} answered after {elapsed:?}");
+        assert!(
+            elapsed < Duration::from_secs(10),
+            "{what} answered after {elapsed:?}"
+        );
     }
     let status = daemon.status().await;
-    assert_eq!(status.counters.requests_failed.get("timeout"), Some(&2), "{status:?}");
-    assert_eq!(exits(&status, "killed_by_supervisor"), 0, "the worker is not killed for a client deadline");
+    assert_eq!(
+        status.counters.requests_failed.get("timeout"),
+        Some(&2),
+        "{status:?}"
+    );
+    assert_eq!(
+        exits(&status, "killed_by_supervisor"),
+        0,
+        "the worker is not killed for a client deadline"
+    );
 }

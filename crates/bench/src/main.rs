@@ -40,7 +40,8 @@ struct Args {
 }
 
 const SHORT_TEXT: &str = "A man is eating food.";
-const LONG_SENTENCE: &str = "The quick brown fox jumps over the lazy dog near the river bank while the sun sets slowly. ";
+const LONG_SENTENCE: &str =
+    "The quick brown fox jumps over the lazy dog near the river bank while the sun sets slowly. ";
 
 /// Latencies of one scenario plus its wall time.
 struct Measurement {
@@ -64,12 +65,17 @@ impl Measurement {
 fn main() -> Result<()> {
     let args = Args::parse();
     let model_dir = args.model_dir.join(&args.model);
-    let engine = Engine::load(&EngineConfig::for_model_dir(&model_dir)).context("loading the engine")?;
+    let engine =
+        Engine::load(&EngineConfig::for_model_dir(&model_dir)).context("loading the engine")?;
     let long_text = long_text(&engine, 128)?;
     let texts = [("short", SHORT_TEXT.to_owned()), ("128-token", long_text)];
     let tokens: Vec<usize> = texts
         .iter()
-        .map(|(_, t)| engine.embed(std::slice::from_ref(t)).map(|e| e.token_counts[0]))
+        .map(|(_, t)| {
+            engine
+                .embed(std::slice::from_ref(t))
+                .map(|e| e.token_counts[0])
+        })
         .collect::<Result<_, _>>()?;
     println!(
         "model {}, {} requests per row after {} warm-up, one text per request ({} and {} tokens)\n",
@@ -87,9 +93,16 @@ fn main() -> Result<()> {
         row(name, "in-process engine, 1 thread", 1, &base, &base);
         for workers in [1usize, 2] {
             let daemon = Daemon::start(&inferd, &model_dir, workers)?;
-            let measured = through_daemon(daemon.socket(), text, workers, args.warmup, args.requests)?;
+            let measured =
+                through_daemon(daemon.socket(), text, workers, args.warmup, args.requests)?;
             drop(daemon);
-            row(name, &format!("daemon, {workers} worker(s)"), workers, &measured, &base);
+            row(
+                name,
+                &format!("daemon, {workers} worker(s)"),
+                workers,
+                &measured,
+                &base,
+            );
         }
     }
     Ok(())
@@ -111,7 +124,11 @@ fn long_text(engine: &Engine, target: usize) -> Result<String> {
     let source = LONG_SENTENCE.repeat(20);
     let mut text = String::new();
     for word in source.split_whitespace() {
-        let candidate = if text.is_empty() { word.to_owned() } else { format!("{text} {word}") };
+        let candidate = if text.is_empty() {
+            word.to_owned()
+        } else {
+            format!("{text} {word}")
+        };
         if engine.embed(std::slice::from_ref(&candidate))?.token_counts[0] > target {
             return Ok(text);
         }
@@ -139,8 +156,16 @@ fn in_process(engine: &Engine, text: &str, warmup: usize, requests: usize) -> Re
 }
 
 /// `clients` concurrent connections share `requests` sequential requests.
-fn through_daemon(socket: &Path, text: &str, clients: usize, warmup: usize, requests: usize) -> Result<Measurement> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+fn through_daemon(
+    socket: &Path,
+    text: &str,
+    clients: usize,
+    warmup: usize,
+    requests: usize,
+) -> Result<Measurement> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let mut connections = Vec::new();
         for _ in 0..clients {
@@ -216,7 +241,9 @@ impl Daemon {
 
     /// Polls status (bounded) until every worker is ready.
     fn wait_ready(&self, workers: usize) -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let deadline = Instant::now() + Duration::from_secs(60);
         runtime.block_on(async {
             while Instant::now() < deadline {

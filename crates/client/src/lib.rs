@@ -156,6 +156,32 @@ impl Client {
         }
     }
 
+    /// Rolls every worker (a rolling restart with the running
+    /// configuration); returns when the roll is complete, with the number of
+    /// workers replaced. Takes as long as loading that many models.
+    pub async fn roll(&mut self) -> Result<u32, ClientError> {
+        let id = self.take_id();
+        match self.request(&ClientMessage::Roll { id }).await? {
+            ServerMessage::Rolled { id: got, replaced } if got == id => Ok(replaced),
+            ServerMessage::Error { id: got, error } if got == id => {
+                Err(ClientError::Request(error))
+            }
+            other => Err(unexpected("rolled", id, &other)),
+        }
+    }
+
+    /// The daemon's counters and gauges in Prometheus text format.
+    pub async fn metrics(&mut self) -> Result<String, ClientError> {
+        let id = self.take_id();
+        match self.request(&ClientMessage::Metrics { id }).await? {
+            ServerMessage::Metrics { id: got, text } if got == id => Ok(text),
+            ServerMessage::Error { id: got, error } if got == id => {
+                Err(ClientError::Request(error))
+            }
+            other => Err(unexpected("metrics", id, &other)),
+        }
+    }
+
     fn take_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
@@ -194,6 +220,8 @@ fn unexpected(expected: &'static str, id: u64, got: &ServerMessage) -> ClientErr
     let got = match got {
         ServerMessage::Embeddings { id: g, .. } => format!("embeddings for request {g}"),
         ServerMessage::Status { id: g, .. } => format!("status for request {g}"),
+        ServerMessage::Rolled { id: g, .. } => format!("roll result for request {g}"),
+        ServerMessage::Metrics { id: g, .. } => format!("metrics for request {g}"),
         ServerMessage::Error { id: g, error } => format!("error for request {g} ({error})"),
     };
     ClientError::UnexpectedResponse {
@@ -260,9 +288,7 @@ mod tests {
     }
 
     fn request_id(msg: &ClientMessage) -> u64 {
-        match msg {
-            ClientMessage::Embed { id, .. } | ClientMessage::Status { id } => *id,
-        }
+        msg.id()
     }
 
     #[tokio::test]

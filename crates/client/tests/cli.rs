@@ -83,13 +83,12 @@ fn embed_answer(request: ClientMessage) -> ServerMessage {
                 ..PoolStatus::default()
             },
         },
+        other @ (ClientMessage::Roll { .. } | ClientMessage::Metrics { .. }) => error_answer(other),
     }
 }
 
 fn error_answer(request: ClientMessage) -> ServerMessage {
-    let id = match request {
-        ClientMessage::Embed { id, .. } | ClientMessage::Status { id } => id,
-    };
+    let id = request.id();
     ServerMessage::Error {
         id,
         error: RequestError::BadRequest {

@@ -53,6 +53,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rolling restart: replace every worker, one at a time, each replacement
+    /// Ready before the old one stops; waits until the roll is complete.
+    Roll,
+    /// Print the counters and gauges in Prometheus text format.
+    Metrics,
 }
 
 fn main() -> ExitCode {
@@ -106,6 +111,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .and_then(|()| out.flush())
                     .context("cannot write to stdout")
             }
+        }
+        Command::Roll => {
+            let mut client = Client::connect_as(&cli.socket, PROGRAM).await?;
+            let replaced = client.roll().await?;
+            println!("roll complete: {replaced} worker(s) replaced");
+            Ok(())
+        }
+        Command::Metrics => {
+            let mut client = Client::connect_as(&cli.socket, PROGRAM).await?;
+            let text = client.metrics().await?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .context("cannot write to stdout")
         }
     }
 }

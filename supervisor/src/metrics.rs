@@ -1,0 +1,823 @@
+//! Prometheus text exposition (format 0.0.4) of a [`PoolStatus`].
+//!
+//! [`render`] turns one status snapshot into the text a Prometheus server
+//! scrapes. Every family appears exactly once, as `# HELP`, then `# TYPE`,
+//! then its samples; names carry the `inferd_` prefix and base units
+//! (seconds, bytes), and counters end in `_total`. Label values are escaped
+//! as the format requires (`\\`, `\"`, `\n`).
+//!
+//! ## Metrics
+//!
+//! Pool gauges:
+//!
+//! | metric | labels | meaning |
+//! |---|---|---|
+//! | `inferd_up` | | always 1: the supervisor is running and answered |
+//! | `inferd_uptime_seconds` | | seconds since the supervisor started |
+//! | `inferd_workers_target` | | configured number of workers |
+//! | `inferd_workers` | `state` | live worker processes per lifecycle state; every state (`starting`, `ready`, `busy`, `draining`, `stopping`, `exiting`) is always present, 0 when none |
+//! | `inferd_queue_depth` | | requests waiting for a worker |
+//! | `inferd_queue_capacity` | | requests the queue holds before new ones are answered `overloaded` |
+//! | `inferd_unavailable` | | 1 while the pool cannot serve requests (e.g. workers fail to load; the reason is in `inferctl status` and the log), else 0 |
+//! | `inferd_memory_soft_limit_bytes` | | per-worker memory above which a worker is recycled gracefully; only when set |
+//! | `inferd_memory_hard_limit_bytes` | | per-worker memory above which a worker is killed (and its cgroup's limit); only when set |
+//!
+//! Per-worker gauges, one sample per live worker process:
+//!
+//! | metric | labels | meaning |
+//! |---|---|---|
+//! | `inferd_worker_resident_memory_bytes` | `worker_id`, `pid` | resident set size (RSS); absent for a worker whose memory could not be read |
+//! | `inferd_worker_proportional_memory_bytes` | `worker_id`, `pid` | proportional set size (PSS); only when the memory metric reads `smaps_rollup` |
+//! | `inferd_worker_unique_memory_bytes` | `worker_id`, `pid` | unique set size (USS); only when the memory metric reads `smaps_rollup` |
+//! | `inferd_worker_requests_served` | `worker_id`, `pid` | requests this worker answered so far |
+//! | `inferd_worker_age_seconds` | `worker_id`, `pid` | seconds since this worker was spawned |
+//!
+//! Counters, cumulative since the supervisor started:
+//!
+//! | metric | labels | meaning |
+//! |---|---|---|
+//! | `inferd_requests_accepted_total` | | embed requests accepted into the queue |
+//! | `inferd_requests_ok_total` | | requests answered with embeddings |
+//! | `inferd_requests_failed_total` | `kind` | requests answered with an error, per error kind: `bad_request`, `overloaded`, `timeout`, `worker_lost`, `shutting_down`, `unavailable`, `permission_denied`, `internal`, `client_gone` (the client left before its answer), each always present; any other kind the pool counts appears too |
+//! | `inferd_request_retries_total` | | in-flight requests re-dispatched after their worker died |
+//! | `inferd_poison_rejections_total` | | requests quarantined as poison inputs (answered `worker_lost`) |
+//! | `inferd_workers_spawned_total` | | worker processes spawned |
+//! | `inferd_recycles_total` | `trigger` | graceful recycles started, per trigger: `soft_limit`, `max_requests`, `max_lifetime`, `roll` (SIGHUP), each always present; any other trigger appears too |
+//! | `inferd_worker_exits_total` | `end` | worker exits per classified end: `retired`, `killed_by_supervisor`, `oom_killed`, `likely_oom_killed` (no per-worker cgroup, the host's OOM counter rose), `signaled`, `exited`, each always present; any other end appears too |
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Display, Write as _};
+
+use inferd_proto::{PoolStatus, WorkerStatus};
+
+/// Worker lifecycle states, always exported (0 when no worker is in one).
+const WORKER_STATES: [&str; 6] = [
+    "starting", "ready", "busy", "draining", "stopping", "exiting",
+];
+/// Request failure kinds, always exported: `RequestError::kind` plus the
+/// pool's own `client_gone`.
+const FAILURE_KINDS: [&str; 9] = [
+    "bad_request",
+    "overloaded",
+    "timeout",
+    "worker_lost",
+    "shutting_down",
+    "unavailable",
+    "permission_denied",
+    "internal",
+    "client_gone",
+];
+/// Recycle triggers, always exported.
+const RECYCLE_TRIGGERS: [&str; 4] = ["soft_limit", "max_requests", "max_lifetime", "roll"];
+/// Classified worker ends (`WorkerEnd::kind`), always exported.
+const EXIT_ENDS: [&str; 6] = [
+    "retired",
+    "killed_by_supervisor",
+    "oom_killed",
+    "likely_oom_killed",
+    "signaled",
+    "exited",
+];
+
+/// Renders `status` as Prometheus text exposition: every counter and gauge
+/// with # HELP and # TYPE lines.
+pub fn render(status: &PoolStatus) -> String {
+    Exposition(status).to_string()
+}
+
+/// The exposition of one status snapshot; rendering it through `Display`
+/// lets every write propagate with `?`.
+struct Exposition<'a>(&'a PoolStatus);
+
+impl Display for Exposition<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Type::{Counter, Gauge};
+        let status = self.0;
+        let counters = &status.counters;
+
+        scalar(
+            f,
+            "inferd_up",
+            Gauge,
+            "1 while the supervisor is running.",
+            1u64,
+        )?;
+        scalar(
+            f,
+            "inferd_uptime_seconds",
+            Gauge,
+            "Seconds since the supervisor started.",
+            status.uptime_secs,
+        )?;
+        scalar(
+            f,
+            "inferd_workers_target",
+            Gauge,
+            "Configured number of workers.",
+            status.target_workers,
+        )?;
+        labelled(
+            f,
+            "inferd_workers",
+            Gauge,
+            "Live worker processes by lifecycle state.",
+            "state",
+            &WORKER_STATES,
+            status.workers.iter().map(|w| (w.state.as_str(), 1)),
+        )?;
+        scalar(
+            f,
+            "inferd_queue_depth",
+            Gauge,
+            "Requests waiting for a worker.",
+            status.queue_depth,
+        )?;
+        scalar(
+            f,
+            "inferd_queue_capacity",
+            Gauge,
+            "Requests the queue holds before answering overloaded.",
+            status.queue_capacity,
+        )?;
+        scalar(
+            f,
+            "inferd_unavailable",
+            Gauge,
+            "1 while the pool cannot serve requests (e.g. workers fail to load), else 0.",
+            u64::from(status.unavailable_reason.is_some()),
+        )?;
+        if let Some(bytes) = status.soft_limit_bytes {
+            scalar(
+                f,
+                "inferd_memory_soft_limit_bytes",
+                Gauge,
+                "Per-worker memory above which a worker is recycled gracefully.",
+                bytes,
+            )?;
+        }
+        if let Some(bytes) = status.hard_limit_bytes {
+            scalar(
+                f,
+                "inferd_memory_hard_limit_bytes",
+                Gauge,
+                "Per-worker memory above which a worker is killed.",
+                bytes,
+            )?;
+        }
+
+        let workers = &status.workers;
+        per_worker(
+            f,
+            "inferd_worker_resident_memory_bytes",
+            "Resident set size of each worker process.",
+            workers,
+            Presence::Always,
+            |w| w.rss_bytes.map(Number::from),
+        )?;
+        per_worker(
+            f,
+            "inferd_worker_proportional_memory_bytes",
+            "Proportional set size (PSS) of each worker process.",
+            workers,
+            Presence::WhenAny,
+            |w| w.pss_bytes.map(Number::from),
+        )?;
+        per_worker(
+            f,
+            "inferd_worker_unique_memory_bytes",
+            "Unique set size (USS) of each worker process.",
+            workers,
+            Presence::WhenAny,
+            |w| w.uss_bytes.map(Number::from),
+        )?;
+        per_worker(
+            f,
+            "inferd_worker_requests_served",
+            "Requests each worker process answered.",
+            workers,
+            Presence::Always,
+            |w| Some(w.requests_served.into()),
+        )?;
+        per_worker(
+            f,
+            "inferd_worker_age_seconds",
+            "Seconds since each worker process was spawned.",
+            workers,
+            Presence::Always,
+            |w| Some(w.age_secs.into()),
+        )?;
+
+        scalar(
+            f,
+            "inferd_requests_accepted_total",
+            Counter,
+            "Embed requests accepted into the queue.",
+            counters.requests_accepted,
+        )?;
+        scalar(
+            f,
+            "inferd_requests_ok_total",
+            Counter,
+            "Requests answered with embeddings.",
+            counters.requests_ok,
+        )?;
+        labelled(
+            f,
+            "inferd_requests_failed_total",
+            Counter,
+            "Requests answered with an error, by error kind.",
+            "kind",
+            &FAILURE_KINDS,
+            counted(&counters.requests_failed),
+        )?;
+        scalar(
+            f,
+            "inferd_request_retries_total",
+            Counter,
+            "In-flight requests re-dispatched after their worker died.",
+            counters.retries,
+        )?;
+        scalar(
+            f,
+            "inferd_poison_rejections_total",
+            Counter,
+            "Requests quarantined as poison inputs (answered worker_lost).",
+            counters.poison_rejections,
+        )?;
+        scalar(
+            f,
+            "inferd_workers_spawned_total",
+            Counter,
+            "Worker processes spawned.",
+            counters.workers_spawned,
+        )?;
+        labelled(
+            f,
+            "inferd_recycles_total",
+            Counter,
+            "Graceful worker recycles started, by trigger.",
+            "trigger",
+            &RECYCLE_TRIGGERS,
+            counted(&counters.recycles),
+        )?;
+        labelled(
+            f,
+            "inferd_worker_exits_total",
+            Counter,
+            "Worker process exits, by classified end.",
+            "end",
+            &EXIT_ENDS,
+            counted(&counters.worker_exits),
+        )
+    }
+}
+
+/// A metric family's type, as the `# TYPE` line names it.
+#[derive(Debug, Clone, Copy)]
+enum Type {
+    /// Only ever goes up (until the supervisor restarts).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
+impl Display for Type {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Counter => "counter",
+            Self::Gauge => "gauge",
+        })
+    }
+}
+
+/// A sample value: integers print exactly, floats in the format's spelling
+/// of the special values.
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    /// A count or a size.
+    Int(u64),
+    /// A duration in seconds.
+    Float(f64),
+}
+
+impl From<u64> for Number {
+    fn from(n: u64) -> Self {
+        Self::Int(n)
+    }
+}
+
+impl From<u32> for Number {
+    fn from(n: u32) -> Self {
+        Self::Int(n.into())
+    }
+}
+
+impl From<f64> for Number {
+    fn from(x: f64) -> Self {
+        Self::Float(x)
+    }
+}
+
+impl Display for Number {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Int(n) => write!(f, "{n}"),
+            Self::Float(x) if x.is_nan() => f.write_str("NaN"),
+            Self::Float(x) if x == f64::INFINITY => f.write_str("+Inf"),
+            Self::Float(x) if x == f64::NEG_INFINITY => f.write_str("-Inf"),
+            Self::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// A label value escaped for the exposition: backslash, double quote and
+/// newline become `\\`, `\"` and `\n`.
+struct Escaped<'a>(&'a str);
+
+impl Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                '"' => f.write_str("\\\"")?,
+                '\n' => f.write_str("\\n")?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a per-worker family is exported when no worker has a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    /// Always, with no samples if need be.
+    Always,
+    /// Only when at least one worker has a value (the metric is configured).
+    WhenAny,
+}
+
+/// Writes a family's `# HELP` and `# TYPE` lines. `help` must hold no
+/// backslash or newline (all callers pass constants).
+fn header(f: &mut fmt::Formatter<'_>, name: &str, kind: Type, help: &str) -> fmt::Result {
+    writeln!(f, "# HELP {name} {help}")?;
+    writeln!(f, "# TYPE {name} {kind}")
+}
+
+/// Writes one sample line.
+fn sample(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    labels: &[(&str, &str)],
+    value: Number,
+) -> fmt::Result {
+    f.write_str(name)?;
+    for (i, (label, value)) in labels.iter().enumerate() {
+        let open = if i == 0 { '{' } else { ',' };
+        write!(f, "{open}{label}=\"{}\"", Escaped(value))?;
+    }
+    if !labels.is_empty() {
+        f.write_char('}')?;
+    }
+    writeln!(f, " {value}")
+}
+
+/// A family with one unlabelled sample.
+fn scalar(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    kind: Type,
+    help: &str,
+    value: impl Into<Number>,
+) -> fmt::Result {
+    header(f, name, kind, help)?;
+    sample(f, name, &[], value.into())
+}
+
+/// A family with one label: a sample for each of `known` (0 unless counted)
+/// and for every other value in `counts`, summed per value, in label order.
+fn labelled<'a>(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    kind: Type,
+    help: &str,
+    label: &str,
+    known: &[&'a str],
+    counts: impl IntoIterator<Item = (&'a str, u64)>,
+) -> fmt::Result {
+    let mut values: BTreeMap<&str, u64> = known.iter().map(|&k| (k, 0)).collect();
+    for (value, n) in counts {
+        *values.entry(value).or_default() += n;
+    }
+    header(f, name, kind, help)?;
+    for (value, n) in values {
+        sample(f, name, &[(label, value)], n.into())?;
+    }
+    Ok(())
+}
+
+/// The entries of a counter map, for [`labelled`].
+fn counted(map: &BTreeMap<String, u64>) -> impl Iterator<Item = (&str, u64)> {
+    map.iter().map(|(k, &n)| (k.as_str(), n))
+}
+
+/// A gauge family with a sample per worker that has a `value`, labelled with
+/// its id and pid.
+fn per_worker(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    help: &str,
+    workers: &[WorkerStatus],
+    presence: Presence,
+    value: impl Fn(&WorkerStatus) -> Option<Number>,
+) -> fmt::Result {
+    if presence == Presence::WhenAny && workers.iter().all(|w| value(w).is_none()) {
+        return Ok(());
+    }
+    header(f, name, Type::Gauge, help)?;
+    for worker in workers {
+        if let Some(number) = value(worker) {
+            let id = worker.id.to_string();
+            let pid = worker.pid.to_string();
+            sample(f, name, &[("worker_id", &id), ("pid", &pid)], number)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use inferd_proto::{Counters, RequestError};
+    use nix::sys::signal::Signal;
+    use openmetrics_parser::prometheus::parse_prometheus;
+    use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
+
+    use super::*;
+    use crate::process::{KillReason, RetireReason, WorkerEnd};
+
+    type Parsed = MetricsExposition<PrometheusType, PrometheusValue>;
+
+    /// A failure kind that needs every escape.
+    const ODD_KIND: &str = "odd \"kind\" \\ with\nnewline";
+
+    fn map(entries: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        entries.iter().map(|&(k, n)| (k.to_owned(), n)).collect()
+    }
+
+    fn representative() -> PoolStatus {
+        PoolStatus {
+            pid: 10,
+            uptime_secs: 3600,
+            model: "/models/m.onnx".into(),
+            target_workers: 2,
+            workers: vec![
+                WorkerStatus {
+                    id: 1,
+                    pid: 101,
+                    state: "ready".into(),
+                    rss_bytes: Some(300 << 20),
+                    pss_bytes: Some(250 << 20),
+                    uss_bytes: Some(200 << 20),
+                    requests_served: 40,
+                    age_secs: 12.5,
+                    cgroup: None,
+                    replaces: None,
+                },
+                WorkerStatus {
+                    id: 2,
+                    pid: 102,
+                    state: "busy".into(),
+                    rss_bytes: Some(310 << 20),
+                    pss_bytes: None,
+                    uss_bytes: None,
+                    requests_served: 7,
+                    age_secs: 0.25,
+                    cgroup: None,
+                    replaces: None,
+                },
+            ],
+            queue_depth: 3,
+            queue_capacity: 64,
+            unavailable_reason: Some("model \"m\" failed\nto load".into()),
+            soft_limit_bytes: Some(1 << 30),
+            hard_limit_bytes: Some(2 << 30),
+            cgroups: "off".into(),
+            recent_exits: Vec::new(),
+            counters: Counters {
+                requests_accepted: 100,
+                requests_ok: 90,
+                requests_failed: map(&[
+                    ("timeout", 3),
+                    ("overloaded", 2),
+                    ("client_gone", 1),
+                    (ODD_KIND, 4),
+                ]),
+                retries: 2,
+                poison_rejections: 1,
+                workers_spawned: 7,
+                recycles: map(&[("soft_limit", 1), ("max_requests", 2)]),
+                worker_exits: map(&[
+                    ("retired", 3),
+                    ("oom_killed", 1),
+                    ("killed_by_supervisor", 1),
+                ]),
+            },
+        }
+    }
+
+    /// Parses with a strict parser (it rejects malformed lines, a family
+    /// split in two, repeated HELP/TYPE lines and duplicate label sets), then
+    /// checks the rest of the contract on the parse and on the raw lines.
+    fn parse_checked(text: &str) -> Parsed {
+        let parsed = parse_prometheus(text)
+            .unwrap_or_else(|err| panic!("the parser rejected the exposition: {err}\n{text}"));
+        assert!(text.ends_with('\n'), "no final newline");
+        for (name, family) in &parsed.families {
+            assert!(name.starts_with("inferd_"), "{name}: no prefix");
+            assert!(!family.help.is_empty(), "{name}: no HELP");
+            let expected = if name.ends_with("_total") {
+                PrometheusType::Counter
+            } else {
+                PrometheusType::Gauge
+            };
+            assert_eq!(family.family_type, expected, "{name}: wrong TYPE");
+        }
+        // HELP, then TYPE, then samples of that family only; no family twice.
+        let mut seen = HashSet::new();
+        let mut lines = text.lines().peekable();
+        while let Some(line) = lines.next() {
+            let name = line
+                .strip_prefix("# HELP ")
+                .and_then(|rest| rest.split(' ').next())
+                .unwrap_or_else(|| panic!("expected a HELP line, got {line:?}"));
+            assert!(seen.insert(name.to_owned()), "{name} repeated");
+            let kind = lines.next().and_then(|l| l.strip_prefix("# TYPE "));
+            assert!(
+                kind.is_some_and(|k| k.starts_with(&format!("{name} "))),
+                "{name}: HELP not followed by its TYPE"
+            );
+            while let Some(next) = lines.next_if(|l| !l.starts_with('#')) {
+                let sample_name = next.split(['{', ' ']).next();
+                assert_eq!(
+                    sample_name,
+                    Some(name),
+                    "sample {next:?} outside its family"
+                );
+            }
+        }
+        assert_eq!(seen.len(), parsed.families.len());
+        parsed
+    }
+
+    /// The one sample of `family` whose labels are exactly `labels`.
+    fn value(parsed: &Parsed, family: &str, labels: &[(&str, &str)]) -> f64 {
+        let family = parsed
+            .families
+            .get(family)
+            .unwrap_or_else(|| panic!("no family {family}"));
+        let matching: Vec<_> = family
+            .iter_samples()
+            .filter(|s| {
+                let set = s.get_labelset().expect("labels parse");
+                set.iter().count() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| set.get_label_value(k) == Some(*v))
+            })
+            .collect();
+        assert_eq!(matching.len(), 1, "{labels:?} in {}", family.family_name);
+        match &matching[0].value {
+            PrometheusValue::Gauge(n) => n.as_f64(),
+            PrometheusValue::Counter(c) => c.value.as_f64(),
+            other => panic!("unexpected value {other:?}"),
+        }
+    }
+
+    fn sample_count(parsed: &Parsed, family: &str) -> usize {
+        parsed.families[family].iter_samples().count()
+    }
+
+    #[test]
+    fn representative_status_parses_with_the_expected_values() {
+        let text = render(&representative());
+        let parsed = parse_checked(&text);
+
+        let families: HashSet<&str> = parsed.families.keys().map(String::as_str).collect();
+        let expected: HashSet<&str> = [
+            "inferd_up",
+            "inferd_uptime_seconds",
+            "inferd_workers_target",
+            "inferd_workers",
+            "inferd_queue_depth",
+            "inferd_queue_capacity",
+            "inferd_unavailable",
+            "inferd_memory_soft_limit_bytes",
+            "inferd_memory_hard_limit_bytes",
+            "inferd_worker_resident_memory_bytes",
+            "inferd_worker_proportional_memory_bytes",
+            "inferd_worker_unique_memory_bytes",
+            "inferd_worker_requests_served",
+            "inferd_worker_age_seconds",
+            "inferd_requests_accepted_total",
+            "inferd_requests_ok_total",
+            "inferd_requests_failed_total",
+            "inferd_request_retries_total",
+            "inferd_poison_rejections_total",
+            "inferd_workers_spawned_total",
+            "inferd_recycles_total",
+            "inferd_worker_exits_total",
+        ]
+        .into();
+        assert_eq!(families, expected);
+
+        let v = |family, labels: &[(&str, &str)]| value(&parsed, family, labels);
+        assert_eq!(v("inferd_up", &[]), 1.0);
+        assert_eq!(v("inferd_uptime_seconds", &[]), 3600.0);
+        assert_eq!(v("inferd_workers_target", &[]), 2.0);
+        assert_eq!(v("inferd_workers", &[("state", "ready")]), 1.0);
+        assert_eq!(v("inferd_workers", &[("state", "busy")]), 1.0);
+        assert_eq!(v("inferd_workers", &[("state", "starting")]), 0.0);
+        assert_eq!(sample_count(&parsed, "inferd_workers"), WORKER_STATES.len());
+        assert_eq!(v("inferd_queue_depth", &[]), 3.0);
+        assert_eq!(v("inferd_queue_capacity", &[]), 64.0);
+        assert_eq!(v("inferd_unavailable", &[]), 1.0);
+        assert_eq!(v("inferd_memory_soft_limit_bytes", &[]), f64::from(1 << 30));
+        assert_eq!(
+            v("inferd_memory_hard_limit_bytes", &[]),
+            f64::from(2u32 << 30)
+        );
+
+        let w1 = [("worker_id", "1"), ("pid", "101")];
+        let w2 = [("worker_id", "2"), ("pid", "102")];
+        let rss = "inferd_worker_resident_memory_bytes";
+        assert_eq!(v(rss, &w1), f64::from(300 << 20));
+        assert_eq!(v(rss, &w2), f64::from(310 << 20));
+        let pss = "inferd_worker_proportional_memory_bytes";
+        assert_eq!(v(pss, &w1), f64::from(250 << 20));
+        assert_eq!(sample_count(&parsed, pss), 1, "worker 2 has no PSS");
+        assert_eq!(
+            v("inferd_worker_unique_memory_bytes", &w1),
+            f64::from(200 << 20)
+        );
+        assert_eq!(v("inferd_worker_requests_served", &w2), 7.0);
+        assert_eq!(v("inferd_worker_age_seconds", &w1), 12.5);
+        assert_eq!(v("inferd_worker_age_seconds", &w2), 0.25);
+
+        let failed = "inferd_requests_failed_total";
+        assert_eq!(v("inferd_requests_accepted_total", &[]), 100.0);
+        assert_eq!(v("inferd_requests_ok_total", &[]), 90.0);
+        assert_eq!(v(failed, &[("kind", "timeout")]), 3.0);
+        assert_eq!(v(failed, &[("kind", "overloaded")]), 2.0);
+        assert_eq!(v(failed, &[("kind", "client_gone")]), 1.0);
+        assert_eq!(v(failed, &[("kind", "bad_request")]), 0.0);
+        assert_eq!(v(failed, &[("kind", ODD_KIND)]), 4.0, "escaped label value");
+        assert_eq!(sample_count(&parsed, failed), FAILURE_KINDS.len() + 1);
+        assert_eq!(v("inferd_request_retries_total", &[]), 2.0);
+        assert_eq!(v("inferd_poison_rejections_total", &[]), 1.0);
+        assert_eq!(v("inferd_workers_spawned_total", &[]), 7.0);
+        assert_eq!(
+            v("inferd_recycles_total", &[("trigger", "max_requests")]),
+            2.0
+        );
+        assert_eq!(v("inferd_recycles_total", &[("trigger", "roll")]), 0.0);
+        assert_eq!(v("inferd_worker_exits_total", &[("end", "retired")]), 3.0);
+        assert_eq!(
+            v("inferd_worker_exits_total", &[("end", "oom_killed")]),
+            1.0
+        );
+        assert_eq!(v("inferd_worker_exits_total", &[("end", "signaled")]), 0.0);
+
+        // The module doc, which goes into the docs, lists every family.
+        let doc: String = include_str!("metrics.rs")
+            .lines()
+            .take_while(|l| l.starts_with("//!") || l.is_empty())
+            .collect();
+        for family in expected {
+            assert!(
+                doc.contains(&format!("`{family}`")),
+                "{family} not documented"
+            );
+        }
+    }
+
+    #[test]
+    fn default_status_parses_with_zeros() {
+        let parsed = parse_checked(&render(&PoolStatus::default()));
+        assert_eq!(value(&parsed, "inferd_up", &[]), 1.0);
+        assert_eq!(value(&parsed, "inferd_unavailable", &[]), 0.0);
+        for state in WORKER_STATES {
+            assert_eq!(value(&parsed, "inferd_workers", &[("state", state)]), 0.0);
+        }
+        for kind in FAILURE_KINDS {
+            let labels = [("kind", kind)];
+            assert_eq!(value(&parsed, "inferd_requests_failed_total", &labels), 0.0);
+        }
+        assert_eq!(
+            sample_count(&parsed, "inferd_recycles_total"),
+            RECYCLE_TRIGGERS.len()
+        );
+        assert_eq!(
+            sample_count(&parsed, "inferd_worker_exits_total"),
+            EXIT_ENDS.len()
+        );
+        assert_eq!(
+            sample_count(&parsed, "inferd_worker_resident_memory_bytes"),
+            0
+        );
+        for absent in [
+            "inferd_worker_proportional_memory_bytes",
+            "inferd_worker_unique_memory_bytes",
+            "inferd_memory_soft_limit_bytes",
+            "inferd_memory_hard_limit_bytes",
+        ] {
+            assert!(!parsed.families.contains_key(absent), "{absent} exported");
+        }
+    }
+
+    #[test]
+    fn label_values_and_special_floats_are_escaped_as_the_format_says() {
+        assert_eq!(
+            Escaped(ODD_KIND).to_string(),
+            r#"odd \"kind\" \\ with\nnewline"#
+        );
+        assert_eq!(Number::from(f64::NAN).to_string(), "NaN");
+        assert_eq!(Number::from(f64::INFINITY).to_string(), "+Inf");
+        assert_eq!(Number::from(f64::NEG_INFINITY).to_string(), "-Inf");
+        assert_eq!(Number::from(1e-7).to_string(), "0.0000001");
+        assert_eq!(Number::from(u64::MAX).to_string(), "18446744073709551615");
+    }
+
+    #[test]
+    fn known_label_values_cover_what_the_daemon_counts() {
+        // Every variant, matched exhaustively: a new one fails to compile here
+        // until it is added to the list and to FAILURE_KINDS.
+        let errors = [
+            RequestError::BadRequest { reason: "".into() },
+            RequestError::Overloaded { capacity: 1 },
+            RequestError::Timeout { elapsed_ms: 1 },
+            RequestError::WorkerLost { deaths: 2 },
+            RequestError::ShuttingDown,
+            RequestError::Unavailable { reason: "".into() },
+            RequestError::PermissionDenied { reason: "".into() },
+            RequestError::Internal { message: "".into() },
+        ];
+        for error in errors {
+            match &error {
+                RequestError::BadRequest { .. }
+                | RequestError::Overloaded { .. }
+                | RequestError::Timeout { .. }
+                | RequestError::WorkerLost { .. }
+                | RequestError::ShuttingDown
+                | RequestError::Unavailable { .. }
+                | RequestError::PermissionDenied { .. }
+                | RequestError::Internal { .. } => {}
+            }
+            assert!(FAILURE_KINDS.contains(&error.kind()), "{}", error.kind());
+        }
+        // Recycles are counted under the retire reason; shutdown is none.
+        let reasons = [
+            RetireReason::Shutdown,
+            RetireReason::SoftLimit,
+            RetireReason::MaxRequests,
+            RetireReason::MaxLifetime,
+            RetireReason::Roll,
+        ];
+        for reason in reasons {
+            match reason {
+                RetireReason::Shutdown => continue,
+                RetireReason::SoftLimit
+                | RetireReason::MaxRequests
+                | RetireReason::MaxLifetime
+                | RetireReason::Roll => {}
+            }
+            let trigger = reason.to_string();
+            assert!(RECYCLE_TRIGGERS.contains(&trigger.as_str()), "{trigger}");
+        }
+        let ends = [
+            WorkerEnd::Retired {
+                reason: RetireReason::SoftLimit,
+            },
+            WorkerEnd::KilledBySupervisor {
+                reason: KillReason::HardLimit,
+            },
+            WorkerEnd::OomKilled { likely: false },
+            WorkerEnd::OomKilled { likely: true },
+            WorkerEnd::Signaled {
+                signal: Signal::SIGSEGV,
+            },
+            WorkerEnd::Exited { code: 1 },
+        ];
+        for end in ends {
+            match end {
+                WorkerEnd::Retired { .. }
+                | WorkerEnd::KilledBySupervisor { .. }
+                | WorkerEnd::OomKilled { .. }
+                | WorkerEnd::Signaled { .. }
+                | WorkerEnd::Exited { .. } => {}
+            }
+            assert!(EXIT_ENDS.contains(&end.kind()), "{}", end.kind());
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Operations against the real daemon: SIGHUP and `inferctl roll` replace
+//! every worker without a failed request, an invalid config on SIGHUP
+//! changes nothing, access control refuses the wrong uid, and metrics are
+//! valid Prometheus text.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use inferd_tests::{
+    children_of, proc_state, ready_count, sample_texts, worker_pids, BackgroundLoad, Client,
+    ClientError, Daemon, DaemonConfig, Expected, PoolStatus, RequestError, Signal, POLL_INTERVAL,
+};
+
+const ROLL: Duration = Duration::from_secs(120);
+
+fn rolls(status: &PoolStatus) -> u64 {
+    status.counters.recycles.get("roll").copied().unwrap_or(0)
+}
+
+fn serving(status: &PoolStatus) -> usize {
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state == "ready" || w.state == "busy")
+        .count()
+}
+
+/// Fewest serving workers seen by a status poller running until stopped.
+fn watch_capacity(daemon: &Daemon) -> (Arc<AtomicBool>, tokio::task::JoinHandle<usize>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let socket = daemon.socket_path().to_path_buf();
+    let task = tokio::spawn(async move {
+        let mut client = Client::connect(&socket).await.expect("watcher connects");
+        let mut fewest = usize::MAX;
+        while !flag.load(Ordering::SeqCst) {
+            let status = client.status().await.expect("watcher status");
+            fewest = fewest.min(serving(&status));
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        fewest
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_three_times_under_load_replaces_every_worker_and_fails_nothing() {
+    let daemon = Daemon::start(DaemonConfig::new()).await;
+    let expected = Expected::compute(&daemon, &sample_texts()).await;
+    let load = BackgroundLoad::start(daemon.socket_path(), 4, &expected);
+    let (stop_watch, watcher) = watch_capacity(&daemon);
+    let mut seen: BTreeSet<u32> = worker_pids(&daemon.status().await).into_iter().collect();
+
+    // First SIGHUP; the second lands while the first roll is under way.
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for(|s| rolls(s) >= 1, ROLL).await;
+    daemon.signal(Signal::SIGHUP);
+    let status = daemon
+        .wait_for(
+            |s| {
+                ready_count(s) + s.workers.iter().filter(|w| w.state == "busy").count() == 2
+                    && s.workers.len() == 2
+                    && s.workers
+                        .iter()
+                        .all(|w| !seen.contains(&w.pid) && w.replaces.is_none())
+            },
+            ROLL,
+        )
+        .await;
+    seen.extend(worker_pids(&status));
+
+    // Third, after the others completed.
+    let before = worker_pids(&status);
+    daemon.signal(Signal::SIGHUP);
+    let status = daemon
+        .wait_for(
+            |s| {
+                s.workers.len() == 2
+                    && serving(s) == 2
+                    && s.workers
+                        .iter()
+                        .all(|w| !before.contains(&w.pid) && w.replaces.is_none())
+            },
+            ROLL,
+        )
+        .await;
+    load.wait_progress(10, ROLL).await;
+    let report = load.stop().await;
+    stop_watch.store(true, Ordering::SeqCst);
+    let fewest = watcher.await.expect("watcher");
+
+    assert!(
+        report.errors.is_empty(),
+        "failed requests: {:?}",
+        report.errors
+    );
+    assert!(
+        fewest >= 2,
+        "capacity fell to {fewest} serving workers during the rolls"
+    );
+    assert!(
+        rolls(&status) >= 4,
+        "every worker of each generation replaced: {:?}",
+        status.counters
+    );
+    // No orphan, no zombie: the daemon's children are exactly its 2 workers.
+    let children = children_of(daemon.pid());
+    let live: BTreeSet<u32> = worker_pids(&status).into_iter().collect();
+    daemon
+        .wait_for(
+            |_| children_of(daemon.pid()) == live,
+            Duration::from_secs(10),
+        )
+        .await;
+    for pid in &children {
+        assert_ne!(proc_state(*pid), Some('Z'), "zombie child {pid}");
+    }
+    println!(
+        "served {} requests across 3 rolls; {:?}",
+        report.ok, status.counters.recycles
+    );
+}
+
+#[tokio::test]
+async fn invalid_config_on_sighup_keeps_the_running_one() {
+    let daemon = Daemon::start(DaemonConfig::new()).await;
+    let before = worker_pids(&daemon.status().await);
+    std::fs::write(daemon.config_path(), "workers = \"many\"\n").expect("overwrite config");
+    daemon.signal(Signal::SIGHUP);
+    let log = daemon
+        .wait_for_log("SIGHUP: invalid configuration", Duration::from_secs(10))
+        .await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("SIGHUP: invalid configuration"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("workers"),
+        "the log line names the bad key: {line}"
+    );
+    let mut client = daemon.client().await;
+    client
+        .embed(vec!["still serving".into()], None)
+        .await
+        .expect("the old config keeps serving");
+    let status = daemon.status().await;
+    assert_eq!(worker_pids(&status), before, "nothing was rolled");
+    assert_eq!(rolls(&status), 0);
+}
+
+#[tokio::test]
+async fn inferctl_roll_waits_for_the_roll_to_complete() {
+    let daemon = Daemon::start(DaemonConfig::new()).await;
+    let before = worker_pids(&daemon.status().await);
+    let out = daemon
+        .inferctl()
+        .arg("roll")
+        .output()
+        .expect("inferctl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("roll complete: 2 worker(s) replaced"),
+        "{stdout}"
+    );
+    // Complete means: the new workers serve, the old ones are gone.
+    let status = daemon.status().await;
+    assert_eq!(ready_count(&status), 2, "{status:?}");
+    assert!(
+        worker_pids(&status).iter().all(|p| !before.contains(p)),
+        "{status:?}"
+    );
+}
+
+fn access(table: &[(&str, Vec<u32>)]) -> toml::Value {
+    let mut access = toml::Table::new();
+    for (key, ids) in table {
+        let ids = ids
+            .iter()
+            .map(|id| toml::Value::Integer(i64::from(*id)))
+            .collect();
+        access.insert((*key).into(), toml::Value::Array(ids));
+    }
+    toml::Value::Table(access)
+}
+
+#[tokio::test]
+async fn uid_outside_the_allow_list_is_refused() {
+    let own = nix::unistd::getuid().as_raw();
+    let daemon = Daemon::spawn(
+        DaemonConfig::new().set("access", access(&[("allowed_uids", vec![own + 4242])])),
+    );
+    daemon
+        .wait_for_log("worker ready", Duration::from_secs(60))
+        .await;
+    let mut client = daemon.client().await;
+    match client.embed(vec!["hello".into()], None).await {
+        Err(ClientError::Request(RequestError::PermissionDenied { reason })) => {
+            assert!(reason.contains(&format!("uid {own}")), "{reason}")
+        }
+        other => panic!("expected permission denied, got {other:?}"),
+    }
+    // Refused peers are disconnected.
+    assert!(matches!(client.status().await, Err(ClientError::Closed)));
+    assert!(daemon.log().contains("refusing client"));
+}
+
+#[tokio::test]
+async fn control_operations_can_be_restricted_separately() {
+    let own = nix::unistd::getuid().as_raw();
+    let daemon = Daemon::start(
+        DaemonConfig::new().set("access", access(&[("control_uids", vec![own + 4242])])),
+    )
+    .await;
+    let mut client = daemon.client().await;
+    client
+        .embed(vec!["users may embed".into()], None)
+        .await
+        .expect("embed allowed");
+    for result in [
+        client.metrics().await.map(drop),
+        client.roll().await.map(drop),
+    ] {
+        assert!(
+            matches!(
+                result,
+                Err(ClientError::Request(RequestError::PermissionDenied { .. }))
+            ),
+            "{result:?}"
+        );
+    }
+    client.status().await.expect("same connection still usable");
+}
+
+#[tokio::test]
+async fn metrics_are_valid_prometheus_text() {
+    let daemon = Daemon::start(DaemonConfig::new()).await;
+    let mut client = daemon.client().await;
+    client
+        .embed(vec!["count me".into()], None)
+        .await
+        .expect("embed");
+    let out = daemon
+        .inferctl()
+        .arg("metrics")
+        .output()
+        .expect("inferctl runs");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let exposition = openmetrics_parser::prometheus::parse_prometheus(&text)
+        .unwrap_or_else(|e| panic!("not valid Prometheus text: {e:?}\n{text}"));
+    for family in [
+        "inferd_requests_ok_total",
+        "inferd_workers",
+        "inferd_worker_exits_total",
+    ] {
+        assert!(
+            exposition.families.contains_key(family),
+            "{family} missing:\n{text}"
+        );
+    }
+    let ok_line = text
+        .lines()
+        .find(|l| l.starts_with("inferd_requests_ok_total "))
+        .expect("ok counter sample");
+    let ok: f64 = ok_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    assert!(ok >= 1.0, "{ok_line}");
+}
