@@ -117,7 +117,8 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break None; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break None; }
             _ = sighup.recv() => {
-                notifier.reloading();
+                // A valid config starts a roll, whose RELOADING=1 and READY=1
+                // the pool sends; an invalid one is answered here.
                 if let Some(reloaded) = reload(&args, &config, &notifier) {
                     config = reloaded;
                     // The pool answers nothing here: the roll runs on its own.
@@ -221,6 +222,7 @@ fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Op
                 .join(" ");
             error!(error = %reason, "SIGHUP: invalid configuration; keeping the running one and rolling nothing");
             // systemd waits for READY=1 after a reload, even a failed one.
+            notifier.reloading();
             notifier.ready(&format!("reload failed: {reason}"));
             return None;
         }

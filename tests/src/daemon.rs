@@ -60,6 +60,11 @@ pub struct DaemonConfig {
     pub extra: toml::Table,
     /// Further `[chaos]` keys (see [`DaemonConfig::chaos`]).
     pub extra_chaos: toml::Table,
+    /// Extra environment variables for the daemon (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
+    /// A listening socket passed as fd 3 with `LISTEN_FDS=1` and
+    /// `LISTEN_PID` = the daemon's pid, as systemd's socket activation does.
+    pub listen_socket: Option<std::sync::Arc<std::os::unix::net::UnixListener>>,
     /// `RUST_LOG` for the daemon (and its workers, which inherit it).
     pub rust_log: String,
     /// Bound on [`Daemon::wait_ready`].
@@ -101,6 +106,8 @@ impl DaemonConfig {
             crash_marker: None,
             extra: toml::Table::new(),
             extra_chaos: toml::Table::new(),
+            env: Vec::new(),
+            listen_socket: None,
             rust_log: "info".into(),
             ready_timeout: READY_TIMEOUT,
         }
@@ -203,6 +210,19 @@ impl DaemonConfig {
     /// `.chaos("leak_bytes_per_request", 2 << 20)`.
     pub fn chaos(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
         self.extra_chaos.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Passes `listener` to the daemon the way systemd socket activation
+    /// does (fd 3, `LISTEN_FDS=1`, `LISTEN_PID`).
+    pub fn listen_socket(mut self, listener: std::os::unix::net::UnixListener) -> Self {
+        self.listen_socket = Some(std::sync::Arc::new(listener));
         self
     }
 
@@ -360,7 +380,31 @@ impl Daemon {
             .open(&log_path)
             .expect("create the log file");
         let log_err = log.try_clone().expect("clone the log file handle");
-        let child = Command::new(&inferd)
+        let mut command = match &config.listen_socket {
+            // LISTEN_PID must be the daemon's own pid: a shell sets it to
+            // its pid ($$) and then execs the daemon, keeping that pid.
+            Some(listener) => {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(listener.as_ref());
+                let mut command = Command::new("/bin/sh");
+                command
+                    .arg("-c")
+                    .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+                    .arg(&inferd);
+                // SAFETY: dup2 is async-signal-safe; fd stays open in the
+                // parent (the config holds the listener) until spawn returns.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                        if libc::dup2(fd, 3) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                command
+            }
+            None => Command::new(&inferd),
+        };
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", &config.rust_log)
@@ -370,6 +414,7 @@ impl Daemon {
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES")
             .env_remove("INFERD_SOCKET")
+            .envs(config.env.iter().map(|(k, v)| (k, v)))
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(log)
