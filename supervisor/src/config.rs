@@ -56,6 +56,23 @@ pub struct Args {
     /// Recycle a worker after about this many requests.
     #[arg(long)]
     pub max_requests: Option<u64>,
+    /// Log format: "human" (colours, timestamps) for terminals, "plain" (no
+    /// colours, no timestamps: journald adds its own), "auto": human on a
+    /// terminal, plain otherwise.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+}
+
+/// How `inferd` writes its log to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human when stderr is a terminal, plain otherwise.
+    #[default]
+    Auto,
+    /// Colours and timestamps.
+    Human,
+    /// No colours, no timestamps (journald records its own).
+    Plain,
 }
 
 /// The resolved configuration. Field names are the TOML keys.
@@ -125,6 +142,9 @@ pub struct Config {
     pub max_restarts: u32,
     /// ...within this many seconds slow restarts down (exponential backoff).
     pub restart_period_secs: u64,
+    /// Serve Prometheus metrics over HTTP on this loopback address
+    /// ("127.0.0.1:9464"); unset: only `inferctl metrics`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Who may connect, and who may run control operations.
     pub access: AccessPolicy,
     /// Test-only worker behaviours; never enable in production.
@@ -188,6 +208,7 @@ impl Default for Config {
             cgroup_parent: None,
             max_restarts: 5,
             restart_period_secs: 60,
+            metrics_listen: None,
             access: AccessPolicy::default(),
             chaos: ChaosOptions::default(),
         }
@@ -268,6 +289,7 @@ impl Config {
             soft_limit,
             hard_limit,
             max_requests,
+            log_format: _,
         } = args.clone();
         if let Some(v) = socket {
             self.socket = v;
@@ -377,6 +399,15 @@ impl Config {
             return invalid(
                 "max_requests",
                 "max_requests and max_lifetime_secs must be at least 1 when set",
+            );
+        }
+        if self
+            .metrics_listen
+            .is_some_and(|addr| !addr.ip().is_loopback())
+        {
+            return invalid(
+                "metrics_listen",
+                "must be a loopback address (127.0.0.1 or ::1); metrics are not access-controlled",
             );
         }
         if self.max_concurrent_recycles == 0 {
@@ -530,6 +561,7 @@ mod tests {
             max_lifetime_secs: Some(1),
             cgroup_parent: Some("/x".into()),
             socket_group: Some("inferd".into()),
+            metrics_listen: Some("127.0.0.1:9464".parse().expect("address")),
             ..Config::default()
         };
         let keys = toml::Table::try_from(&full).expect("config serialises");

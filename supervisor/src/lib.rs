@@ -14,6 +14,7 @@ pub mod config;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod metrics_http;
 pub mod notify;
 pub mod policy;
 pub mod pool;
@@ -31,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-pub use config::{Args, Config, ConfigError};
+pub use config::{Args, Config, ConfigError, LogFormat};
 
 /// Capacity of the channel from connections to the pool; senders wait when
 /// it is full, which slows clients down rather than dropping anything.
@@ -47,6 +48,15 @@ pub enum DaemonError {
     /// The client socket could not be set up.
     #[error(transparent)]
     Listen(#[from] listener::ListenerError),
+    /// The metrics listener could not be bound.
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// systemd passed a socket that cannot be used.
     #[error("socket activation failed")]
     Activation(#[from] activation::ActivationError),
@@ -107,6 +117,16 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         shutdown.clone(),
     ));
     let connections = TaskTracker::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics_http::bind(addr)
+            .await
+            .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+        connections.spawn(metrics_http::serve(
+            listener,
+            pool_tx.clone(),
+            shutdown.clone(),
+        ));
+    }
     info!(workers = config.workers, model = %config.model.display(), "inferd started");
 
     let pool_result = loop {

@@ -4,18 +4,26 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use inferd_supervisor::{Args, Config};
+use inferd_supervisor::{Args, Config, LogFormat};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let human = match args.log_format {
+        LogFormat::Human => true,
+        LogFormat::Plain => false,
+        LogFormat::Auto => std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(human);
+    if human {
+        builder.init();
+    } else {
+        builder.without_time().init();
+    }
     let config = match Config::load(&args) {
         Ok(config) => config,
         Err(err) => {

@@ -276,3 +276,35 @@ async fn metrics_are_valid_prometheus_text() {
         .expect("value");
     assert!(ok >= 1.0, "{ok_line}");
 }
+
+#[tokio::test]
+async fn metrics_are_served_over_loopback_http_when_configured() {
+    let daemon = Daemon::start(DaemonConfig::new().set("metrics_listen", "127.0.0.1:0")).await;
+    let log = daemon
+        .wait_for_log("metrics on http://", Duration::from_secs(10))
+        .await;
+    let addr = log
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("address in the log")
+        .to_owned();
+    let get = move |path: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        response
+    };
+    let response = tokio::task::spawn_blocking(move || (get("/metrics"), get("/other")))
+        .await
+        .expect("http task");
+    let (metrics, other) = response;
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    let body = metrics.split("\r\n\r\n").nth(1).expect("body");
+    openmetrics_parser::prometheus::parse_prometheus(body)
+        .unwrap_or_else(|e| panic!("not valid Prometheus text: {e:?}\n{body}"));
+    assert!(body.contains("inferd_workers{state=\"ready\"} 2"), "{body}");
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+}
