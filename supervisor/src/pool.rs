@@ -303,8 +303,12 @@ impl Pool {
             .filter(|w| w.generation < generation && (w.is_live() || w.has_job()))
             .map(|w| w.id)
             .collect();
-        let replacing = self.workers.values().any(|w| w.replaces.is_some());
-        if stale.is_empty() && !replacing {
+        // Complete only when the old workers are gone, not just retiring.
+        let waiting = self
+            .workers
+            .values()
+            .any(|w| w.replaces.is_some() || w.generation < generation);
+        if !waiting {
             if let Some(roll) = self.roll.take() {
                 let replaced =
                     self.counters.recycles.get("roll").copied().unwrap_or(0) - roll.recycles_before;

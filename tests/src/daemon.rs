@@ -320,6 +320,15 @@ pub fn ready_count(status: &PoolStatus) -> usize {
     status.workers.iter().filter(|w| w.state == "ready").count()
 }
 
+/// Number of workers that serve: in state "ready" or "busy".
+pub fn serving_count(status: &PoolStatus) -> usize {
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state == "ready" || w.state == "busy")
+        .count()
+}
+
 /// Pids of all workers in `status`.
 pub fn worker_pids(status: &PoolStatus) -> Vec<u32> {
     status.workers.iter().map(|w| w.pid).collect()

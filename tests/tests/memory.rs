@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use inferd_tests::{
-    ready_count, sample_texts, BackgroundLoad, Client, ClientError, Daemon, DaemonConfig, Expected,
-    PoolStatus, RequestError, POLL_INTERVAL,
+    ready_count, sample_texts, serving_count, BackgroundLoad, Client, ClientError, Daemon,
+    DaemonConfig, Expected, PoolStatus, RequestError, POLL_INTERVAL,
 };
 
 const MIB: u64 = 1 << 20;
@@ -23,14 +23,6 @@ fn exits(status: &PoolStatus, kind: &str) -> u64 {
 
 fn recycles(status: &PoolStatus, trigger: &str) -> u64 {
     status.counters.recycles.get(trigger).copied().unwrap_or(0)
-}
-
-fn serving(status: &PoolStatus) -> usize {
-    status
-        .workers
-        .iter()
-        .filter(|w| w.state == "ready" || w.state == "busy")
-        .count()
 }
 
 /// Samples status every poll interval until stopped; keeps every sample.
@@ -111,6 +103,27 @@ async fn run_requests(
     errors
 }
 
+/// Sends `total` requests from 4 clients while sampling status; asserts
+/// every answer was correct and returns the samples.
+async fn run_monitored(daemon: &Daemon, total: usize) -> Vec<PoolStatus> {
+    let expected = Expected::compute(daemon, &sample_texts()).await;
+    let monitor = Monitor::start(daemon);
+    let errors = tokio::time::timeout(
+        Duration::from_secs(600),
+        run_requests(daemon, &expected, total, 4),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{total} requests answered within 600 s"));
+    let samples = monitor.stop().await;
+    assert!(
+        errors.is_empty(),
+        "{} failed requests: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    samples
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leaking_workers_are_recycled_without_a_failed_request() {
     // A loaded worker is ~135-150 MiB; the soft limit sits ~100 MiB above.
@@ -126,21 +139,7 @@ async fn leaking_workers_are_recycled_without_a_failed_request() {
             .chaos("leak_bytes_per_request", (2 * MIB) as i64),
     )
     .await;
-    let expected = Expected::compute(&daemon, &sample_texts()).await;
-    let monitor = Monitor::start(&daemon);
-    let errors = tokio::time::timeout(
-        Duration::from_secs(600),
-        run_requests(&daemon, &expected, 2000, 4),
-    )
-    .await
-    .expect("2000 requests answered within 600 s");
-    let samples = monitor.stop().await;
-    assert!(
-        errors.is_empty(),
-        "{} failed requests: {:?}",
-        errors.len(),
-        &errors[..errors.len().min(5)]
-    );
+    let samples = run_monitored(&daemon, 2000).await;
 
     let status = daemon.status().await;
     println!(
@@ -175,7 +174,7 @@ async fn leaking_workers_are_recycled_without_a_failed_request() {
         max_rss < hard,
         "no worker ever above the hard limit: {max_rss}"
     );
-    let min_serving = samples.iter().map(serving).min().unwrap_or(0);
+    let min_serving = samples.iter().map(serving_count).min().unwrap_or(0);
     assert!(
         min_serving >= 2,
         "capacity dropped to {min_serving} serving workers"
@@ -354,21 +353,7 @@ async fn max_requests_recycles_one_worker_at_a_time() {
             .set("min_lifetime_ms", 200),
     )
     .await;
-    let expected = Expected::compute(&daemon, &sample_texts()).await;
-    let monitor = Monitor::start(&daemon);
-    let errors = tokio::time::timeout(
-        Duration::from_secs(600),
-        run_requests(&daemon, &expected, 500, 4),
-    )
-    .await
-    .expect("500 requests answered within 600 s");
-    let samples = monitor.stop().await;
-    assert!(
-        errors.is_empty(),
-        "{} failed: {:?}",
-        errors.len(),
-        &errors[..errors.len().min(5)]
-    );
+    let samples = run_monitored(&daemon, 500).await;
     let status = daemon.wait_for(|s| ready_count(s) == 4, RECOVERY).await;
     assert!(
         recycles(&status, "max_requests") >= 4,
@@ -397,7 +382,7 @@ async fn max_requests_recycles_one_worker_at_a_time() {
             replacements <= 1 && leaving <= 1,
             "two recycles at once: {sample:?}"
         );
-        assert!(serving(sample) >= 4, "capacity below 4: {sample:?}");
+        assert!(serving_count(sample) >= 4, "capacity below 4: {sample:?}");
     }
 }
 

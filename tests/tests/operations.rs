@@ -9,22 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inferd_tests::{
-    children_of, proc_state, ready_count, sample_texts, worker_pids, BackgroundLoad, Client,
-    ClientError, Daemon, DaemonConfig, Expected, PoolStatus, RequestError, Signal, POLL_INTERVAL,
+    children_of, proc_state, ready_count, sample_texts, serving_count, worker_pids, BackgroundLoad,
+    Client, ClientError, Daemon, DaemonConfig, Expected, PoolStatus, RequestError, Signal,
+    POLL_INTERVAL,
 };
 
 const ROLL: Duration = Duration::from_secs(120);
 
 fn rolls(status: &PoolStatus) -> u64 {
     status.counters.recycles.get("roll").copied().unwrap_or(0)
-}
-
-fn serving(status: &PoolStatus) -> usize {
-    status
-        .workers
-        .iter()
-        .filter(|w| w.state == "ready" || w.state == "busy")
-        .count()
 }
 
 /// Fewest serving workers seen by a status poller running until stopped.
@@ -37,7 +30,7 @@ fn watch_capacity(daemon: &Daemon) -> (Arc<AtomicBool>, tokio::task::JoinHandle<
         let mut fewest = usize::MAX;
         while !flag.load(Ordering::SeqCst) {
             let status = client.status().await.expect("watcher status");
-            fewest = fewest.min(serving(&status));
+            fewest = fewest.min(serving_count(&status));
             tokio::time::sleep(POLL_INTERVAL).await;
         }
         fewest
@@ -78,7 +71,7 @@ async fn sighup_three_times_under_load_replaces_every_worker_and_fails_nothing()
         .wait_for(
             |s| {
                 s.workers.len() == 2
-                    && serving(s) == 2
+                    && serving_count(s) == 2
                     && s.workers
                         .iter()
                         .all(|w| !before.contains(&w.pid) && w.replaces.is_none())
