@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 
 use crate::config::{Config, MemoryMetric};
-use crate::memory::MemorySource;
+use crate::memory::{MemorySource, MemoryUsage};
 use crate::process::{KillReason, RetireReason};
 
 /// First restart delay after a failure; doubles with each further one.
@@ -86,7 +86,11 @@ impl RecyclePolicy {
 
     /// Reads the configured memory figure of `pid`.
     pub fn measure(&self, source: &dyn MemorySource, pid: Pid) -> Option<u64> {
-        let usage = source.usage(pid)?;
+        self.figure(source.usage(pid)?)
+    }
+
+    /// The configured memory figure out of one reading.
+    pub fn figure(&self, usage: MemoryUsage) -> Option<u64> {
         match self.metric {
             MemoryMetric::Rss => Some(usage.rss_bytes),
             MemoryMetric::Pss => usage.pss_bytes,
@@ -220,7 +224,7 @@ impl RestartPacer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{FakeMemory, MemoryUsage};
+    use crate::memory::FakeMemory;
 
     const MIB: u64 = 1 << 20;
 

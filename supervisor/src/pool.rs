@@ -765,6 +765,7 @@ impl Pool {
         if !worker.is_serving() && !worker.has_job() {
             return;
         }
+        // One procfs read per judgement, kept for status too.
         if self.policy.watches_memory() {
             worker.memory = self.seams.memory.usage(worker.pid);
         }
@@ -772,18 +773,15 @@ impl Pool {
             id: worker.id,
             age: now.duration_since(worker.spawned),
             requests_served: worker.requests_served,
-            memory_bytes: self.policy.measure(self.seams.memory.as_ref(), worker.pid),
+            memory_bytes: worker.memory.and_then(|usage| self.policy.figure(usage)),
             stale: worker.generation < self.generation,
         };
+        let serving = worker.is_serving();
+        let has_leaf = worker.leaf.is_some();
         let being_replaced = self
             .workers
             .values()
             .any(|w| w.replaces.is_some_and(|(old, _)| old == worker_id));
-        let serving = self.workers.get(&worker_id).is_some_and(Worker::is_serving);
-        let has_leaf = self
-            .workers
-            .get(&worker_id)
-            .is_some_and(|w| w.leaf.is_some());
         match self.policy.judge(&facts) {
             Verdict::Keep => {}
             // A worker in its own cgroup has the kernel enforce the hard
