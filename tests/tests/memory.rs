@@ -124,6 +124,31 @@ async fn run_monitored(daemon: &Daemon, total: usize) -> Vec<PoolStatus> {
     samples
 }
 
+/// Sends requests one by one, each of which must succeed, until a worker
+/// exit of `kind` is counted (bounded); returns how many were answered and
+/// the status that showed the exit.
+async fn request_until_exit(daemon: &Daemon, kind: &str) -> (usize, PoolStatus) {
+    let mut client = daemon.client().await;
+    let texts = sample_texts();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut answered = 0;
+    loop {
+        let result = client
+            .embed(vec![texts[answered % texts.len()].clone()], None)
+            .await;
+        assert!(result.is_ok(), "request {answered} failed: {result:?}");
+        answered += 1;
+        let status = daemon.status().await;
+        if exits(&status, kind) >= 1 {
+            return (answered, status);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} exit after {answered} requests: {status:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leaking_workers_are_recycled_without_a_failed_request() {
     // A loaded worker is ~135-150 MiB; the soft limit sits ~100 MiB above.
@@ -211,25 +236,7 @@ async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
         .clone()
         .expect("worker has a cgroup");
     assert!(std::path::Path::new(&old_cgroup).is_dir(), "{old_cgroup}");
-    let mut client = daemon.client().await;
-    let texts = sample_texts();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut answered = 0;
-    loop {
-        let result = client
-            .embed(vec![texts[answered % texts.len()].clone()], None)
-            .await;
-        assert!(result.is_ok(), "request {answered} failed: {result:?}");
-        answered += 1;
-        let status = daemon.status().await;
-        if exits(&status, "oom_killed") >= 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no OOM kill after {answered} requests: {status:?}"
-        );
-    }
+    let (answered, _) = request_until_exit(&daemon, "oom_killed").await;
     let status = daemon
         .wait_for(
             |s| ready_count(s) == 1 && s.workers.iter().all(|w| w.pid != old_pid),
@@ -264,32 +271,14 @@ async fn supervisor_hard_limit_kill_is_never_called_oom() {
             .chaos("leak_bytes_per_request", (4 * MIB) as i64),
     )
     .await;
-    let mut client = daemon.client().await;
-    let texts = sample_texts();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut answered = 0;
-    loop {
-        let result = client
-            .embed(vec![texts[answered % texts.len()].clone()], None)
-            .await;
-        assert!(result.is_ok(), "request {answered} failed: {result:?}");
-        answered += 1;
-        let status = daemon.status().await;
-        if exits(&status, "killed_by_supervisor") >= 1 {
-            assert_eq!(status.cgroups, "off (configured)");
-            assert_eq!(
-                exits(&status, "oom_killed") + exits(&status, "likely_oom_killed"),
-                0
-            );
-            let exit = status.recent_exits.last().expect("exit recorded");
-            assert!(exit.description.contains("hard_limit"), "{exit:?}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no hard-limit kill after {answered} requests"
-        );
-    }
+    let (_, status) = request_until_exit(&daemon, "killed_by_supervisor").await;
+    assert_eq!(status.cgroups, "off (configured)");
+    assert_eq!(
+        exits(&status, "oom_killed") + exits(&status, "likely_oom_killed"),
+        0
+    );
+    let exit = status.recent_exits.last().expect("exit recorded");
+    assert!(exit.description.contains("hard_limit"), "{exit:?}");
     daemon.wait_for(|s| ready_count(s) == 1, RECOVERY).await;
     let log = daemon.log();
     assert!(log.contains("killed by supervisor (hard_limit)"), "{log}");
