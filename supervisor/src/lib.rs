@@ -205,6 +205,7 @@ fn prepare_cgroups(config: &Config) -> pool::Seams {
     let support = cgroup::detect(config.cgroup_parent.as_deref());
     match support.prepare() {
         Ok(cgroups) => {
+            remove_stale_leaves(cgroups.parent());
             let summary = format!(
                 "{:?} under {}",
                 cgroups.version(),
@@ -276,4 +277,60 @@ fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Op
     new.cgroup_parent = running.cgroup_parent.clone();
     info!("SIGHUP: configuration re-read; rolling every worker");
     Some(Arc::new(new))
+}
+
+/// Removes worker leaves (`inferd-<pid>-worker-<id>`) left behind by a
+/// supervisor that is gone (SIGKILLed or crashed before it could clean up).
+/// Only empty cgroups can be removed, so a leaf that still holds a process
+/// stays; leaves of live supervisors are never touched.
+fn remove_stale_leaves(parent: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("inferd-"))
+            .and_then(|rest| rest.split_once("-worker-"))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if owner == std::process::id() || std::path::Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        match std::fs::remove_dir(entry.path()) {
+            Ok(()) => info!(leaf = %entry.path().display(), "removed a stale worker cgroup"),
+            Err(err) => {
+                warn!(leaf = %entry.path().display(), error = %err, "cannot remove a stale worker cgroup")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_leaves_of_dead_supervisors_are_removed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let own = std::process::id();
+        // 4194304 is above the kernel's largest pid_max: never a live pid.
+        let names = [
+            "inferd-4194304-worker-1".to_owned(),
+            format!("inferd-{own}-worker-2"),
+            "inferd-1-worker-3".to_owned(),
+            "unrelated".to_owned(),
+        ];
+        for name in &names {
+            std::fs::create_dir(dir.path().join(name)).expect("mkdir");
+        }
+        super::remove_stale_leaves(dir.path());
+        let left: Vec<bool> = names.iter().map(|n| dir.path().join(n).exists()).collect();
+        assert_eq!(
+            left,
+            [false, true, true, true],
+            "only the dead supervisor's leaf goes"
+        );
+    }
 }
