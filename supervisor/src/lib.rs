@@ -103,12 +103,14 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
 
     let shutdown = CancellationToken::new();
     let (pool_tx, pool_rx) = mpsc::channel(POOL_CHANNEL);
+    let (cgroups, cgroup_summary) = prepare_cgroups(&config);
     let seams = pool::Seams {
         memory: Box::new(memory::ProcfsMemory::new(
             config.memory_metric != config::MemoryMetric::Rss,
         )),
+        cgroups,
+        cgroup_summary,
         notifier: notify::Notifier::from_env(),
-        ..prepare_cgroups(&config)
     };
     let mut pool_task = tokio::spawn(pool::Pool::run(
         config.clone(),
@@ -188,22 +190,15 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
 /// Sets up per-worker cgroups as configured and says once, in the log, what
 /// the pool will rely on. Leaves carry the hard limit, so without one there
 /// is nothing for them to enforce.
-fn prepare_cgroups(config: &Config) -> pool::Seams {
-    let none = |summary: String| pool::Seams {
-        memory: Box::new(memory::FakeMemory::new()),
-        cgroups: None,
-        cgroup_summary: summary,
-        notifier: notify::Notifier::disabled(),
-    };
+fn prepare_cgroups(config: &Config) -> (Option<cgroup::Cgroups>, String) {
     if config.cgroups == config::CgroupMode::Off {
         info!("per-worker cgroups off (cgroups = \"off\"); memory limits are enforced from procfs");
-        return none("off (configured)".into());
+        return (None, "off (configured)".into());
     }
     if config.hard_limit.is_none() {
-        return none("not used: no hard_limit set".into());
+        return (None, "not used: no hard_limit set".into());
     }
-    let support = cgroup::detect(config.cgroup_parent.as_deref());
-    match support.prepare() {
+    match cgroup::detect(config.cgroup_parent.as_deref()).prepare() {
         Ok(cgroups) => {
             remove_stale_leaves(cgroups.parent());
             let summary = format!(
@@ -212,17 +207,12 @@ fn prepare_cgroups(config: &Config) -> pool::Seams {
                 cgroups.parent().display()
             );
             info!(cgroups = %summary, "each worker gets its own memory cgroup limited to hard_limit");
-            pool::Seams {
-                memory: Box::new(memory::FakeMemory::new()),
-                cgroups: Some(cgroups),
-                cgroup_summary: summary,
-                notifier: notify::Notifier::disabled(),
-            }
+            (Some(cgroups), summary)
         }
         Err(err) => {
             let reason = inferd_proto::error_chain(&err);
             warn!(%reason, "no per-worker cgroups; hard_limit is enforced from procfs polling and OOM kills can only be \"likely\"");
-            none(format!("unavailable: {reason}"))
+            (None, format!("unavailable: {reason}"))
         }
     }
 }
