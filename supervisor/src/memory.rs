@@ -88,14 +88,6 @@ fn pss_and_uss(process: &procfs::process::Process) -> Option<(u64, u64)> {
     Some((pss, private_clean + private_dirty))
 }
 
-/// Resident set size of `pid` from `/proc/PID/statm`; `None` if the process
-/// is gone or procfs is unreadable.
-pub fn rss_bytes(pid: Pid) -> Option<u64> {
-    ProcfsMemory::new(false)
-        .usage(pid)
-        .map(|usage| usage.rss_bytes)
-}
-
 /// A [`MemorySource`] whose readings the test sets. Clones share the same
 /// table, so a test keeps one clone and hands the other to the pool.
 #[derive(Debug, Clone, Default)]
@@ -146,12 +138,16 @@ mod tests {
 
     #[test]
     fn reads_own_rss_and_none_for_missing_pid() {
-        let own = rss_bytes(nix::unistd::getpid()).expect("own statm readable");
+        let procfs = ProcfsMemory::new(false);
+        let own = procfs
+            .usage(nix::unistd::getpid())
+            .expect("own statm readable")
+            .rss_bytes;
         assert!(
             own > MIB,
             "a test process has more than 1 MiB resident: {own}"
         );
-        assert_eq!(rss_bytes(Pid::from_raw(i32::MAX)), None);
+        assert_eq!(procfs.usage(Pid::from_raw(i32::MAX)), None);
     }
 
     #[test]
