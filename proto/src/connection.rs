@@ -13,6 +13,12 @@ use crate::{Hello, ProtoError, PROTOCOL_VERSION};
 /// How long a peer gets to send its hello.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most bytes a peer's hello payload may have. The hello comes before the
+/// peer is known (or admitted), so it is read under this small limit rather
+/// than the connection's `max_frame_bytes`: announcing a larger hello is an
+/// immediate [`ProtoError::FrameTooLarge`], with nothing reserved for it.
+pub const HELLO_MAX_BYTES: usize = 1024;
+
 /// One end of a connection that sends `Out` messages and receives `In`
 /// messages. Owns the stream and the read buffer; [`Connection::recv`] is
 /// cancel-safe (a partial frame stays buffered), so it can sit in a `select!`.
@@ -46,11 +52,13 @@ where
 
     /// Sends our hello, reads the peer's, and checks the versions match.
     /// Both hellos go out before the check so the peer learns our version
-    /// too. Bounded by [`HANDSHAKE_TIMEOUT`].
+    /// too. Bounded by [`HANDSHAKE_TIMEOUT`]; the peer's hello by
+    /// [`HELLO_MAX_BYTES`].
     pub async fn handshake(&mut self, program: &str) -> Result<Hello, ProtoError> {
         self.write_frame(&encode_frame(&Hello::new(program))?)
             .await?;
-        let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.read_payload())
+        let hello_decoder = FrameDecoder::new(HELLO_MAX_BYTES);
+        let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.read_payload(hello_decoder))
             .await
             .map_err(|_| ProtoError::HandshakeTimeout)??
             .ok_or(ProtoError::ClosedDuringHandshake)?;
@@ -67,7 +75,7 @@ where
     /// Next message: `Ok(None)` on a clean EOF between frames, an error on EOF
     /// inside a frame, an oversize frame or an undecodable payload.
     pub async fn recv(&mut self) -> Result<Option<In>, ProtoError> {
-        match self.read_payload().await? {
+        match self.read_payload(self.decoder).await? {
             Some(payload) => Ok(Some(decode_payload(&payload)?)),
             None => Ok(None),
         }
@@ -90,9 +98,14 @@ where
         Ok(())
     }
 
-    async fn read_payload(&mut self) -> Result<Option<BytesMut>, ProtoError> {
+    /// Next frame's payload, split off by `decoder`. Bytes after it (a peer
+    /// may send its first request right behind its hello) stay buffered.
+    async fn read_payload(
+        &mut self,
+        decoder: FrameDecoder,
+    ) -> Result<Option<BytesMut>, ProtoError> {
         loop {
-            if let Some(payload) = self.decoder.decode(&mut self.buffer)? {
+            if let Some(payload) = decoder.decode(&mut self.buffer)? {
                 return Ok(Some(payload));
             }
             if self.stream.read_buf(&mut self.buffer).await? == 0 {
@@ -211,8 +224,43 @@ mod tests {
         );
         // The peer still got our hello, so it can report the mismatch too.
         let mut peer: Connection<_, ClientMessage, ServerMessage> = Connection::new(client, 1024);
-        let ours: Hello = decode_payload(&peer.read_payload().await.unwrap().unwrap()).unwrap();
+        let payload = peer.read_payload(peer.decoder).await.unwrap().unwrap();
+        let ours: Hello = decode_payload(&payload).unwrap();
         assert_eq!(ours.protocol_version, PROTOCOL_VERSION);
+    }
+
+    #[tokio::test]
+    async fn an_oversize_hello_is_refused_at_once() {
+        let (mut client, stream) = duplex(4096);
+        let mut server: ServerEnd = Connection::new(stream, crate::DEFAULT_MAX_FRAME_BYTES);
+        // Announce a 16 MiB hello (the connection's own limit) and send no
+        // more: the hello limit applies, not the frame limit.
+        let announced = crate::DEFAULT_MAX_FRAME_BYTES as u32;
+        client.write_all(&announced.to_le_bytes()).await.unwrap();
+        let err = server.handshake("server").await.unwrap_err();
+        assert!(
+            matches!(err, ProtoError::FrameTooLarge { len, max: HELLO_MAX_BYTES } if len == announced as usize),
+            "{err:?}"
+        );
+        assert!(server.buffer.capacity() <= 8 * 1024, "nothing reserved");
+    }
+
+    #[tokio::test]
+    async fn a_request_right_behind_the_hello_is_kept() {
+        let (mut client, stream) = duplex(8192);
+        let mut server: ServerEnd = Connection::new(stream, crate::DEFAULT_MAX_FRAME_BYTES);
+        // Hello and a first request in one write, the request longer than
+        // the hello limit: it is read under the connection's limit.
+        let request = ClientMessage::Embed {
+            id: 4,
+            texts: vec!["y".repeat(2 * HELLO_MAX_BYTES)],
+            deadline_ms: None,
+        };
+        let mut bytes = encode_frame(&Hello::new("client")).unwrap();
+        bytes.extend(encode_frame(&request).unwrap());
+        client.write_all(&bytes).await.unwrap();
+        server.handshake("server").await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), Some(request));
     }
 
     #[tokio::test(start_paused = true)]

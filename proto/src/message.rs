@@ -2,10 +2,21 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::PROTOCOL_VERSION;
+use crate::{bounded, PROTOCOL_VERSION};
+
+/// Most texts one embed request may carry on the wire, in
+/// [`ClientMessage::Embed`] and [`WorkerCommand::Embed`], and so most entries
+/// in each per-text list of an [`EmbedResult`]. A decoder refuses a longer
+/// list as soon as it reads the declared count, before allocating for it.
+///
+/// It is a hard bound on what a peer can make a decoder hold (each text costs
+/// 24 bytes of `String` even when it is empty, 1 byte on the wire), not the
+/// operator's limit: [`RequestLimits::max_texts`] should be at most this.
+pub const MAX_TEXTS_PER_REQUEST: usize = 4096;
 
 /// First frame in both directions on every connection. Its layout is frozen so
 /// that any two versions can tell each other apart.
@@ -34,7 +45,9 @@ pub enum ClientMessage {
     Embed {
         /// Client-chosen id, echoed in the answer.
         id: u64,
-        /// The texts; one vector comes back per text, in order.
+        /// The texts; one vector comes back per text, in order. At most
+        /// [`MAX_TEXTS_PER_REQUEST`], or the frame does not decode.
+        #[serde(deserialize_with = "bounded::texts")]
         texts: Vec<String>,
         /// Answer within this many milliseconds of arrival, or get
         /// [`RequestError::Timeout`]. `None` uses the daemon's default.
@@ -90,8 +103,9 @@ pub enum ServerMessage {
     Status {
         /// The request's id.
         id: u64,
-        /// Pool snapshot.
-        status: PoolStatus,
+        /// Pool snapshot. Boxed: it is several times larger than every
+        /// other answer, which would otherwise all be that large.
+        status: Box<PoolStatus>,
     },
     /// Answer to [`ClientMessage::Roll`]: every worker was replaced.
     Rolled {
@@ -114,17 +128,26 @@ pub enum ServerMessage {
         /// Why.
         error: RequestError,
     },
+    /// The server refuses this connection: sent right after the hello
+    /// exchange, then the server closes the connection. Every request sent on
+    /// it fails with `error`.
+    Refused {
+        /// Why (e.g. [`RequestError::TooManyConnections`]).
+        error: RequestError,
+    },
 }
 
 impl ServerMessage {
-    /// The id of the request this message answers.
-    pub fn id(&self) -> u64 {
+    /// The id of the request this message answers; `None` for
+    /// [`ServerMessage::Refused`], which answers the connection as a whole.
+    pub fn id(&self) -> Option<u64> {
         match self {
             Self::Embeddings { id, .. }
             | Self::Status { id, .. }
             | Self::Rolled { id, .. }
             | Self::Metrics { id, .. }
-            | Self::Error { id, .. } => *id,
+            | Self::Error { id, .. } => Some(*id),
+            Self::Refused { .. } => None,
         }
     }
 }
@@ -137,10 +160,13 @@ pub struct EmbedResult {
     /// Vector length.
     pub dims: u32,
     /// One vector per input text, in input order.
+    #[serde(deserialize_with = "bounded::embeddings")]
     pub embeddings: Vec<Vec<f32>>,
     /// Per text: was it cut at the model's maximum sequence length?
+    #[serde(deserialize_with = "bounded::per_text")]
     pub truncated: Vec<bool>,
     /// Per text: tokens fed to the model (after truncation).
+    #[serde(deserialize_with = "bounded::per_text")]
     pub token_counts: Vec<u32>,
 }
 
@@ -181,6 +207,13 @@ pub enum RequestError {
         /// Why, in words an operator can act on.
         reason: String,
     },
+    /// The server already serves as many connections as it accepts (in all,
+    /// or from this client); sent in [`ServerMessage::Refused`].
+    #[error("too many connections: {reason}")]
+    TooManyConnections {
+        /// Which limit, in words an operator can act on.
+        reason: String,
+    },
     /// This client (by its uid/gid) may not make this request.
     #[error("permission denied: {reason}")]
     PermissionDenied {
@@ -205,6 +238,7 @@ impl RequestError {
             Self::WorkerLost { .. } => "worker_lost",
             Self::ShuttingDown => "shutting_down",
             Self::Unavailable { .. } => "unavailable",
+            Self::TooManyConnections { .. } => "too_many_connections",
             Self::PermissionDenied { .. } => "permission_denied",
             Self::Internal { .. } => "internal",
         }
@@ -272,11 +306,22 @@ pub struct PoolStatus {
     /// Target number of workers.
     pub target_workers: u32,
     /// One entry per live worker process.
+    #[serde(deserialize_with = "bounded::vec")]
     pub workers: Vec<WorkerStatus>,
     /// Requests waiting for a worker.
     pub queue_depth: u32,
     /// Queue capacity.
     pub queue_capacity: u32,
+    /// Client connections open now (refused ones not counted).
+    pub connections: u32,
+    /// Most client connections served at once; more are refused with
+    /// [`RequestError::TooManyConnections`].
+    pub max_connections: u32,
+    /// Bytes of text held by the requests waiting in the queue.
+    pub queued_bytes: u64,
+    /// Most bytes of text the queue holds; past it, requests are turned away
+    /// with [`RequestError::Overloaded`].
+    pub queued_bytes_budget: u64,
     /// Why the pool cannot serve, if it cannot (e.g. workers fail to load).
     pub unavailable_reason: Option<String>,
     /// Per-worker graceful recycle threshold, if set.
@@ -286,6 +331,7 @@ pub struct PoolStatus {
     /// Per-worker cgroups: in use where, or why not.
     pub cgroups: String,
     /// The latest worker exits, oldest first.
+    #[serde(deserialize_with = "bounded::vec")]
     pub recent_exits: Vec<ExitRecord>,
     /// Cumulative counters.
     pub counters: Counters,
@@ -349,6 +395,12 @@ pub struct Counters {
     pub retries: u64,
     /// Requests quarantined as poison (answered worker-lost).
     pub poison_rejections: u64,
+    /// Queued requests dropped, unanswered, because their client disconnected
+    /// before a worker took them.
+    pub requests_abandoned: u64,
+    /// Connections refused with [`ServerMessage::Refused`], by reason (the
+    /// limit or rule that refused them, e.g. `max_connections`).
+    pub connections_refused: BTreeMap<String, u64>,
     /// Workers spawned.
     pub workers_spawned: u64,
     /// Graceful recycles started, by trigger (soft_limit, max_requests, ...).
@@ -402,8 +454,11 @@ pub enum WorkerCommand {
     Embed {
         /// Supervisor-internal request id, echoed back.
         request_id: u64,
-        /// The texts.
-        texts: Vec<String>,
+        /// The texts; at most [`MAX_TEXTS_PER_REQUEST`]. Shared so that the
+        /// supervisor keeps one copy of a request's texts however often it
+        /// hands them to a worker; encoded exactly as a `Vec<String>`.
+        #[serde(deserialize_with = "bounded::shared_texts")]
+        texts: Arc<[String]>,
     },
     /// Finish and exit 0.
     Shutdown,
@@ -513,6 +568,10 @@ mod tests {
             }],
             queue_depth: 0,
             queue_capacity: 10,
+            connections: 3,
+            max_connections: 4096,
+            queued_bytes: 12,
+            queued_bytes_budget: 1 << 26,
             unavailable_reason: None,
             soft_limit_bytes: Some(1 << 28),
             hard_limit_bytes: None,
@@ -526,8 +585,80 @@ mod tests {
                 age_secs: 2.0,
                 uptime_at_exit_secs: 3.0,
             }],
-            counters: Counters::default(),
+            counters: Counters {
+                requests_abandoned: 2,
+                connections_refused: [("max_connections".to_owned(), 5)].into(),
+                ..Counters::default()
+            },
         });
+        round_trip(ServerMessage::Refused {
+            error: RequestError::TooManyConnections {
+                reason: "4096 client connections are open".into(),
+            },
+        });
+        round_trip(ClientMessage::Embed {
+            id: 1,
+            texts: vec!["a".into(), String::new()],
+            deadline_ms: Some(5),
+        });
+        round_trip(WorkerCommand::Embed {
+            request_id: 2,
+            texts: vec!["b".to_owned(), "ç".to_owned()].into(),
+        });
+        round_trip(WorkerEvent::Embedded {
+            request_id: 2,
+            result: EmbedResult {
+                model: "m".into(),
+                dims: 1,
+                embeddings: vec![vec![1.0], vec![-0.0]],
+                truncated: vec![false, true],
+                token_counts: vec![1, 300],
+            },
+        });
+    }
+
+    #[test]
+    fn shared_texts_encode_exactly_like_a_vec() {
+        /// `WorkerCommand` as it was, with `texts: Vec<String>`.
+        #[derive(Serialize)]
+        #[allow(dead_code)]
+        enum VecCommand {
+            Start(WorkerConfig),
+            Embed { request_id: u64, texts: Vec<String> },
+            Shutdown,
+        }
+        let texts = vec!["héllo".to_owned(), String::new(), "x".repeat(300)];
+        let shared = encode_frame(&WorkerCommand::Embed {
+            request_id: 77,
+            texts: texts.clone().into(),
+        })
+        .unwrap();
+        let plain = encode_frame(&VecCommand::Embed {
+            request_id: 77,
+            texts,
+        })
+        .unwrap();
+        assert_eq!(shared, plain);
+    }
+
+    #[test]
+    fn refusals_have_no_request_id() {
+        let refused = ServerMessage::Refused {
+            error: RequestError::TooManyConnections {
+                reason: "uid 1000 has 1024 connections open".into(),
+            },
+        };
+        assert_eq!(refused.id(), None);
+        let answer = ServerMessage::Rolled { id: 8, replaced: 2 };
+        assert_eq!(answer.id(), Some(8));
+        let ServerMessage::Refused { error } = refused else {
+            unreachable!()
+        };
+        assert_eq!(error.kind(), "too_many_connections");
+        assert_eq!(
+            error.to_string(),
+            "too many connections: uid 1000 has 1024 connections open"
+        );
     }
 
     #[test]

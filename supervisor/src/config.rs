@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use clap::Parser;
-use inferd_proto::{ChaosOptions, RequestLimits, DEFAULT_MAX_FRAME_BYTES};
+use inferd_proto::{ChaosOptions, RequestLimits, DEFAULT_MAX_FRAME_BYTES, MAX_TEXTS_PER_REQUEST};
 use serde::{Deserialize, Serialize};
 
 use crate::access::AccessPolicy;
@@ -99,6 +99,15 @@ pub struct Config {
     pub normalize: bool,
     /// Most queued requests.
     pub queue_capacity: usize,
+    /// Most bytes of text held by queued requests; over it, new requests get
+    /// `overloaded` (or push out the heaviest client's newest request).
+    pub max_queued_bytes: ByteSize,
+    /// Most client connections open at once; more are refused with
+    /// `too many connections`. Lowered at start if the descriptor limit
+    /// cannot hold it plus a reserve for workers.
+    pub max_connections: u32,
+    /// Most client connections of one uid open at once.
+    pub max_connections_per_uid: u32,
     /// Largest accepted frame payload, in bytes.
     pub max_frame_bytes: usize,
     /// Most texts in one request.
@@ -188,6 +197,9 @@ impl Default for Config {
             max_seq_len: 256,
             normalize: true,
             queue_capacity: 256,
+            max_queued_bytes: ByteSize::mib(64),
+            max_connections: 4096,
+            max_connections_per_uid: 1024,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_texts: RequestLimits::default().max_texts,
             max_text_bytes: RequestLimits::default().max_text_bytes,
@@ -364,6 +376,29 @@ impl Config {
             return invalid(
                 "max_texts",
                 "max_texts and max_text_bytes must be at least 1",
+            );
+        }
+        if self.max_texts > MAX_TEXTS_PER_REQUEST {
+            return invalid(
+                "max_texts",
+                &format!("must be at most {MAX_TEXTS_PER_REQUEST} (the protocol's limit)"),
+            );
+        }
+        let largest_request = self.max_texts as u64 * self.max_text_bytes as u64;
+        if self.max_queued_bytes.as_u64() < largest_request {
+            return invalid(
+                "max_queued_bytes",
+                &format!(
+                    "{} cannot hold one largest request (max_texts x max_text_bytes = {})",
+                    self.max_queued_bytes,
+                    ByteSize::b(largest_request)
+                ),
+            );
+        }
+        if self.max_connections == 0 || self.max_connections_per_uid == 0 {
+            return invalid(
+                "max_connections",
+                "max_connections and max_connections_per_uid must be at least 1",
             );
         }
         for (key, ms) in [

@@ -11,6 +11,8 @@ pub mod access;
 pub mod activation;
 pub mod cgroup;
 pub mod config;
+pub mod connections;
+pub mod fdlimit;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
@@ -19,6 +21,7 @@ pub mod notify;
 pub mod policy;
 pub mod pool;
 pub mod process;
+pub mod queue;
 pub mod request;
 pub mod server;
 pub mod worker;
@@ -41,6 +44,8 @@ const POOL_CHANNEL: usize = 1024;
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (e.g. out of fds) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Refused connections that may linger at once to read their refusal.
+const LINGERING_REFUSALS: usize = 64;
 
 /// Failures that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +82,7 @@ pub enum DaemonError {
 /// spawned them (`PR_SET_PDEATHSIG`).
 pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
     let mut config = Arc::new(config);
+    let nofile = raise_nofile();
     if !config.model.exists() {
         warn!(model = %config.model.display(), "model file does not exist; workers will fail to start");
     }
@@ -93,16 +99,18 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                 // Validated at load; unreachable in practice.
                 listener::ListenerError::NotASocket(config.socket.clone())
             })?;
-            let socket = listener::ClientSocket::bind(&config.socket, mode).await?;
-            if let Some(group) = &config.socket_group {
-                socket.set_group(group)?;
-            }
-            socket
+            listener::ClientSocket::bind(&config.socket, mode, config.socket_group.as_deref())
+                .await?
         }
     };
 
     let shutdown = CancellationToken::new();
     let (pool_tx, pool_rx) = mpsc::channel(POOL_CHANNEL);
+    let limits = connections::ConnectionLimits::new(
+        connection_cap(&config, nofile),
+        config.max_connections_per_uid,
+    );
+    let lingering = Arc::new(tokio::sync::Semaphore::new(LINGERING_REFUSALS));
     let (cgroups, cgroup_summary) = prepare_cgroups(&config);
     let seams = pool::Seams {
         memory: Box::new(memory::ProcfsMemory::new(
@@ -111,6 +119,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         cgroups,
         cgroup_summary,
         notifier: notify::Notifier::from_env(),
+        connections: Arc::clone(&limits),
     };
     let mut pool_task = tokio::spawn(pool::Pool::run(
         config.clone(),
@@ -118,18 +127,19 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         pool_rx,
         shutdown.clone(),
     ));
-    let connections = TaskTracker::new();
+    let connection_tasks = TaskTracker::new();
     if let Some(addr) = config.metrics_listen {
         let listener = metrics_http::bind(addr)
             .await
             .map_err(|source| DaemonError::MetricsListen { addr, source })?;
-        connections.spawn(metrics_http::serve(
+        connection_tasks.spawn(metrics_http::serve(
             listener,
             pool_tx.clone(),
             shutdown.clone(),
         ));
     }
     info!(workers = config.workers, model = %config.model.display(), "inferd started");
+    let mut next_conn_id: u64 = 0;
 
     let pool_result = loop {
         let Some(listener) = socket.listener() else {
@@ -149,7 +159,15 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    connections.spawn(server::serve_client(stream, config.clone(), pool_tx.clone(), shutdown.clone()));
+                    next_conn_id += 1;
+                    let cx = server::ServeContext {
+                        config: config.clone(),
+                        limits: Arc::clone(&limits),
+                        lingering: Arc::clone(&lingering),
+                        pool: pool_tx.clone(),
+                        shutdown: shutdown.clone(),
+                    };
+                    connection_tasks.spawn(server::serve_client(stream, next_conn_id, cx));
                 }
                 Err(err) => {
                     warn!(error = %err, "accept failed; backing off");
@@ -166,8 +184,8 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         Some(result) => result,
         None => (&mut pool_task).await,
     };
-    connections.close();
-    if tokio::time::timeout(FLUSH_TIMEOUT, connections.wait())
+    connection_tasks.close();
+    if tokio::time::timeout(FLUSH_TIMEOUT, connection_tasks.wait())
         .await
         .is_err()
     {
@@ -185,6 +203,53 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         }
         Err(join) => Err(DaemonError::PoolPanicked(join)),
     }
+}
+
+/// Raises the soft descriptor limit to the hard one, so that connections
+/// and worker spawns do not compete for the 1024 a service gets by default.
+/// Returns the soft limit in force, if it could be read.
+fn raise_nofile() -> Option<u64> {
+    match fdlimit::raise_nofile() {
+        Ok(limit) => {
+            info!(
+                before = limit.before,
+                soft = limit.soft,
+                hard = limit.hard,
+                "descriptor limit (RLIMIT_NOFILE)"
+            );
+            Some(limit.soft)
+        }
+        Err(err) => {
+            warn!(error = %inferd_proto::error_chain(&err), "cannot raise RLIMIT_NOFILE");
+            match err {
+                fdlimit::FdLimitError::RaiseLimit { from, .. } => Some(from),
+                fdlimit::FdLimitError::GetLimit(_) => None,
+            }
+        }
+    }
+}
+
+/// `max_connections`, lowered if the descriptor limit cannot hold it plus a
+/// reserve for the workers, the listener and refusals in progress.
+fn connection_cap(config: &Config, nofile: Option<u64>) -> u32 {
+    let Some(soft) = nofile else {
+        return config.max_connections;
+    };
+    let cap = fdlimit::connection_cap(
+        soft,
+        config.max_connections,
+        config.workers,
+        LINGERING_REFUSALS,
+    );
+    if cap.lowered {
+        warn!(
+            max_connections = cap.max_connections,
+            configured = config.max_connections,
+            rlimit_nofile = soft,
+            "max_connections lowered: the descriptor limit must leave room for worker spawns"
+        );
+    }
+    cap.max_connections
 }
 
 /// Sets up per-worker cgroups as configured and says once, in the log, what

@@ -1,12 +1,48 @@
-//! The client socket: bind with stale-socket detection, set its mode, and
-//! remove it on exit (only if the path still names our socket).
+//! The client socket: bind with stale-socket detection, with its final mode
+//! and group from the first moment it is reachable, and remove it on exit
+//! (only if the path still names our socket).
+//!
+//! bind(2) creates the socket file with the umask's permissions; chmod and
+//! chown can only follow. Done at the final path, that leaves a moment in
+//! which anyone may connect. So [`ClientSocket::bind`]:
+//!
+//! 1. refuses if another daemon answers on the path, removes a stale socket;
+//! 2. creates a private directory (mode 0700) next to the final path, so both
+//!    names are on one filesystem, and binds the socket in it, where nobody
+//!    else can reach it;
+//! 3. sets group and mode there;
+//! 4. gives it its final name with link(2), which fails rather than replace
+//!    anything that appeared meanwhile;
+//! 5. removes the temporary name and the directory (on every error path
+//!    too).
+//!
+//! The listener's own address (`local_addr`) stays the temporary path: the
+//! kernel records the name given to bind(2). Nothing in inferd reads it.
 
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
+use nix::unistd::Gid;
 use tokio::net::UnixListener;
 use tracing::{info, warn};
+
+/// Longest path a Unix socket address holds: `sun_path` has 108 bytes, one
+/// of them for the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Name of the socket inside the private directory: one byte, to keep the
+/// temporary path, which must fit in `sun_path` too, short.
+const STAGED_NAME: &str = "s";
+
+/// Directory names to try when one is taken (by a leftover of a killed
+/// process that had our pid) before giving up.
+const PRIVATE_DIR_ATTEMPTS: u32 = 16;
+
+/// Numbers the private directories of this process, so concurrent binds
+/// (tests) never share one.
+static NEXT_PRIVATE_DIR: AtomicU32 = AtomicU32::new(0);
 
 /// Failure to set up the client socket.
 #[derive(Debug, thiserror::Error)]
@@ -17,10 +53,47 @@ pub enum ListenerError {
     /// The path exists and is not a socket: refuse to delete it.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    /// Something that accepts no connections was created at the path while
+    /// the socket was being prepared (after the stale-socket check).
+    #[error("{0} was created by someone else while inferd was preparing its socket there")]
+    PathTaken(PathBuf),
+    /// The path does not fit in a Unix socket address.
+    #[error(
+        "socket path {path} is {len} bytes; a Unix socket address holds at most {MAX_SOCKET_PATH}"
+    )]
+    PathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The path fits, but the temporary path in the private directory next
+    /// to it does not.
+    #[error(
+        "socket path {path} is too long: inferd first binds it as {temporary} ({len} bytes), \
+         and a Unix socket address holds at most {MAX_SOCKET_PATH}; choose a shorter socket path"
+    )]
+    TemporaryPathTooLong {
+        /// The configured path.
+        path: PathBuf,
+        /// The temporary path that does not fit.
+        temporary: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// Removing a stale socket failed.
     #[error("cannot remove stale socket {path}")]
     RemoveStale {
         /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The private directory to bind in could not be created.
+    #[error("cannot create the private directory {path} to prepare the socket in")]
+    PrivateDir {
+        /// The directory.
         path: PathBuf,
         /// The OS error.
         #[source]
@@ -60,6 +133,15 @@ pub enum ListenerError {
         #[source]
         source: io::Error,
     },
+    /// link(2) from the private directory to the final path failed.
+    #[error("cannot move the socket into place at {path}")]
+    Link {
+        /// The final path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The bound client socket. Dropping it removes the socket file if the path
@@ -76,44 +158,38 @@ pub struct ClientSocket {
 }
 
 impl ClientSocket {
-    /// Binds `path` with permission bits `mode`. An existing socket file that
+    /// Binds `path` with permission bits `mode` and, if given, owned by
+    /// `group` (a name or a number): the socket is reachable at `path` only
+    /// once both are set (see the module doc). An existing socket file that
     /// accepts connections means another daemon runs (error); one that
     /// refuses is stale and is replaced.
-    pub async fn bind(path: &Path, mode: u32) -> Result<ClientSocket, ListenerError> {
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-                if tokio::net::UnixStream::connect(path).await.is_ok() {
-                    return Err(ListenerError::AlreadyRunning(path.to_owned()));
-                }
-                warn!(path = %path.display(), "removing stale socket");
-                std::fs::remove_file(path).map_err(|source| ListenerError::RemoveStale {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            }
-            Ok(_) => return Err(ListenerError::NotASocket(path.to_owned())),
-            Err(_) => {}
-        }
-        let listener = UnixListener::bind(path).map_err(|source| ListenerError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
-            |source| ListenerError::SetMode {
+    pub async fn bind(
+        path: &Path,
+        mode: u32,
+        group: Option<&str>,
+    ) -> Result<ClientSocket, ListenerError> {
+        let len = path.as_os_str().len();
+        // Checked here because the final path is never given to bind(2),
+        // which would have refused it; clients could not connect to it.
+        if len > MAX_SOCKET_PATH {
+            return Err(ListenerError::PathTooLong {
                 path: path.to_owned(),
-                mode,
-                source,
-            },
-        )?;
-        let meta = std::fs::metadata(path).map_err(|source| ListenerError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
-        info!(path = %path.display(), mode = format!("{mode:o}"), "listening");
+                len,
+            });
+        }
+        // Resolved before anything is created: nothing to clean up.
+        let group = group
+            .map(|name| resolve_group(name).map(|gid| (name, gid)))
+            .transpose()?;
+        remove_stale(path).await?;
+        let staged = Staged::bind(path, mode, group)?;
+        let identity = staged.identity;
+        let listener = staged.publish(path).await?;
+        info!(path = %path.display(), mode = format!("{mode:o}"), group = group.map(|(name, _)| name), "listening");
         Ok(ClientSocket {
             listener: Some(listener),
             path: path.to_owned(),
-            identity: Some((meta.dev(), meta.ino())),
+            identity: Some(identity),
         })
     }
 
@@ -133,23 +209,6 @@ impl ClientSocket {
             listener: Some(listener),
             path: path.to_owned(),
             identity: None,
-        })
-    }
-
-    /// Gives the socket file to `group` (a name or a number), so members of
-    /// that group can connect (with mode 0660).
-    pub fn set_group(&self, group: &str) -> Result<(), ListenerError> {
-        let gid = match group.parse::<u32>() {
-            Ok(gid) => nix::unistd::Gid::from_raw(gid),
-            Err(_) => match nix::unistd::Group::from_name(group) {
-                Ok(Some(found)) => found.gid,
-                _ => return Err(ListenerError::UnknownGroup(group.to_owned())),
-            },
-        };
-        nix::unistd::chown(&self.path, None, Some(gid)).map_err(|source| ListenerError::SetGroup {
-            path: self.path.clone(),
-            group: group.to_owned(),
-            source: source.into(),
         })
     }
 
@@ -179,19 +238,231 @@ impl Drop for ClientSocket {
     }
 }
 
+/// A group name or number as a gid.
+fn resolve_group(group: &str) -> Result<Gid, ListenerError> {
+    match group.parse::<u32>() {
+        Ok(gid) => Ok(Gid::from_raw(gid)),
+        Err(_) => match nix::unistd::Group::from_name(group) {
+            Ok(Some(found)) => Ok(found.gid),
+            _ => Err(ListenerError::UnknownGroup(group.to_owned())),
+        },
+    }
+}
+
+/// Clears the way at `path`: nothing there, or a stale socket (removed).
+/// A socket that accepts connections belongs to a running daemon.
+async fn remove_stale(path: &Path) -> Result<(), ListenerError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(ListenerError::AlreadyRunning(path.to_owned()));
+            }
+            warn!(path = %path.display(), "removing stale socket");
+            std::fs::remove_file(path).map_err(|source| ListenerError::RemoveStale {
+                path: path.to_owned(),
+                source,
+            })
+        }
+        Ok(_) => Err(ListenerError::NotASocket(path.to_owned())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// A mode-0700 directory next to the final path, holding the socket while
+/// its mode and group are set. Dropping it removes the socket's temporary
+/// name and the directory, on success and on every error path alike.
+#[derive(Debug)]
+struct PrivateDir {
+    /// The directory: `.inferd.<pid>.<n>` beside the final path.
+    dir: PathBuf,
+    /// The socket's temporary path in it.
+    socket: PathBuf,
+}
+
+impl PrivateDir {
+    /// Creates the directory beside `path`. Fails if the socket path in it
+    /// would not fit in a Unix socket address.
+    fn create(path: &Path) -> Result<PrivateDir, ListenerError> {
+        // Same directory as the final path: link(2) works only within one
+        // filesystem. `parent` is `Some("")` for a bare file name (the
+        // current directory) and `None` only for "/", which exists and is
+        // not a socket, so `remove_stale` has refused it already.
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let pid = std::process::id();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let n = NEXT_PRIVATE_DIR.fetch_add(1, Ordering::Relaxed);
+            let dir = parent.join(format!(".inferd.{pid}.{n}"));
+            let socket = dir.join(STAGED_NAME);
+            let len = socket.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                return Err(ListenerError::TemporaryPathTooLong {
+                    path: path.to_owned(),
+                    temporary: socket,
+                    len,
+                });
+            }
+            // 0700 (the umask can only take bits away): only this user can
+            // reach the socket inside before it has its final mode and group.
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(PrivateDir { dir, socket }),
+                Err(err)
+                    if err.kind() == io::ErrorKind::AlreadyExists
+                        && attempts < PRIVATE_DIR_ATTEMPTS =>
+                {
+                    // A leftover of a killed process that had our pid: not
+                    // ours to judge; try the next name.
+                }
+                Err(source) => return Err(ListenerError::PrivateDir { path: dir, source }),
+            }
+        }
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.socket) {
+            Ok(()) => {}
+            // Bind failed before the name was created.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                warn!(path = %self.socket.display(), error = %err, "cannot remove the temporary socket name")
+            }
+        }
+        if let Err(err) = std::fs::remove_dir(&self.dir) {
+            warn!(path = %self.dir.display(), error = %err, "cannot remove the private socket directory");
+        }
+    }
+}
+
+/// A listening socket with its final mode and group, not yet at its final
+/// path.
+#[derive(Debug)]
+struct Staged {
+    /// The listener, bound at `dir.socket`.
+    listener: UnixListener,
+    /// (device, inode) of the socket file: the same under both names.
+    identity: (u64, u64),
+    /// Where it is bound; dropping it removes the temporary name and the
+    /// directory, so an error anywhere after bind leaves nothing behind.
+    dir: PrivateDir,
+}
+
+impl Staged {
+    /// Binds a socket in a new private directory beside `path`, gives it to
+    /// `group` and sets `mode`.
+    fn bind(path: &Path, mode: u32, group: Option<(&str, Gid)>) -> Result<Staged, ListenerError> {
+        let dir = PrivateDir::create(path)?;
+        let listener = UnixListener::bind(&dir.socket).map_err(|source| ListenerError::Bind {
+            path: dir.socket.clone(),
+            source,
+        })?;
+        if let Some((name, gid)) = group {
+            nix::unistd::chown(&dir.socket, None, Some(gid)).map_err(|source| {
+                ListenerError::SetGroup {
+                    path: path.to_owned(),
+                    group: name.to_owned(),
+                    source: source.into(),
+                }
+            })?;
+        }
+        // After chown, which may clear set-id bits: the mode ends up exactly
+        // as asked.
+        std::fs::set_permissions(&dir.socket, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| ListenerError::SetMode {
+                path: path.to_owned(),
+                mode,
+                source,
+            },
+        )?;
+        let meta =
+            std::fs::symlink_metadata(&dir.socket).map_err(|source| ListenerError::Bind {
+                path: dir.socket.clone(),
+                source,
+            })?;
+        Ok(Staged {
+            listener,
+            identity: (meta.dev(), meta.ino()),
+            dir,
+        })
+    }
+
+    /// Gives the socket its final name `path` and drops the temporary one.
+    ///
+    /// link(2), not rename(2): rename silently replaces whatever is at
+    /// `path`, so a second daemon that bound it after our stale-socket check
+    /// would lose its socket to us, and both would run. link fails with
+    /// EEXIST instead, as bind(2) at `path` would have. (renameat2 with
+    /// RENAME_NOREPLACE would do too, but std has no wrapper and not every
+    /// filesystem supports the flag.) For a moment the socket has both
+    /// names; the temporary one is inside the 0700 directory.
+    async fn publish(self, path: &Path) -> Result<UnixListener, ListenerError> {
+        match std::fs::hard_link(&self.dir.socket, path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(if tokio::net::UnixStream::connect(path).await.is_ok() {
+                    ListenerError::AlreadyRunning(path.to_owned())
+                } else {
+                    ListenerError::PathTaken(path.to_owned())
+                });
+            }
+            Err(source) => {
+                return Err(ListenerError::Link {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+        let Staged { listener, dir, .. } = self;
+        // Removes the temporary name and the directory.
+        drop(dir);
+        Ok(listener)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// A gid other than our own that we may give files to, so a test can
+    /// tell "given to the group" from "the creator's default group": any
+    /// gid as root, else one of our supplementary groups. Falls back to our
+    /// own gid (the group assertions then cannot tell the two apart).
+    fn other_gid() -> Gid {
+        let own = nix::unistd::getegid();
+        if nix::unistd::geteuid().is_root() {
+            return Gid::from_raw(if own.as_raw() == 4242 { 4243 } else { 4242 });
+        }
+        nix::unistd::getgroups()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|gid| *gid != own)
+            .unwrap_or(own)
+    }
+
+    /// Names in `dir`, sorted.
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
 
     #[tokio::test]
     async fn bind_detects_live_and_stale_sockets_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.sock");
-        let first = ClientSocket::bind(&path, 0o660).await.unwrap();
+        let first = ClientSocket::bind(&path, 0o660, None).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
+        // The connect succeeds through the linked name: it reaches `first`.
         assert!(matches!(
-            ClientSocket::bind(&path, 0o660).await,
+            ClientSocket::bind(&path, 0o660, None).await,
             Err(ListenerError::AlreadyRunning(_))
         ));
         // A socket file nobody listens on is stale.
@@ -200,9 +471,166 @@ mod tests {
         let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
         drop(stale);
         assert!(path.exists());
-        let second = ClientSocket::bind(&path, 0o600).await.unwrap();
+        let second = ClientSocket::bind(&path, 0o600, None).await.unwrap();
         drop(second);
         assert!(!path.exists());
+        assert!(entries(dir.path()).is_empty(), "no private directory left");
+    }
+
+    #[tokio::test]
+    async fn clients_reach_the_listener_at_the_final_path_and_nothing_else_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.sock");
+        let socket = ClientSocket::bind(&path, 0o600, None).await.unwrap();
+        assert_eq!(
+            entries(dir.path()),
+            ["d.sock"],
+            "the private directory is gone"
+        );
+        let client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let (accepted, _) = socket.listener().unwrap().accept().await.unwrap();
+        let cred = accepted.peer_cred().unwrap();
+        assert_eq!(cred.pid(), client.peer_cred().unwrap().pid());
+    }
+
+    #[tokio::test]
+    async fn group_is_set_by_number_or_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        let gid = other_gid();
+        let socket = ClientSocket::bind(&path, 0o660, Some(&gid.as_raw().to_string()))
+            .await
+            .unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.gid(), gid.as_raw());
+        assert_eq!(meta.mode() & 0o7777, 0o660);
+        drop(socket);
+        // By name: our own group's, which every system names.
+        let own = nix::unistd::getegid();
+        let name = nix::unistd::Group::from_gid(own).unwrap().unwrap().name;
+        let socket = ClientSocket::bind(&path, 0o640, Some(&name)).await.unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.gid(), own.as_raw());
+        assert_eq!(meta.mode() & 0o7777, 0o640);
+        drop(socket);
+        assert!(entries(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_group_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        assert!(matches!(
+            ClientSocket::bind(&path, 0o660, Some("no-such-group-inferd-test")).await,
+            Err(ListenerError::UnknownGroup(_))
+        ));
+        assert!(entries(dir.path()).is_empty());
+    }
+
+    /// The point of binding in a private directory: whenever anything is at
+    /// the final path, it already has the final mode and group. A thread
+    /// polls the path while the socket is bound, many times over. Binding in
+    /// place and then chmod/chown (the old way) is caught here within a few
+    /// rounds: the window is some microseconds, a stat one.
+    #[tokio::test]
+    async fn the_final_path_never_shows_other_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.sock");
+        let gid = other_gid();
+        let group = gid.as_raw().to_string();
+        for _ in 0..200 {
+            let stop = Arc::new(AtomicBool::new(false));
+            // Times the observer found something at the path.
+            let seen = Arc::new(AtomicU32::new(0));
+            let observer = {
+                let (path, stop, seen) = (path.clone(), Arc::clone(&stop), Arc::clone(&seen));
+                std::thread::spawn(move || {
+                    let mut wrong = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                            seen.fetch_add(1, Ordering::Relaxed);
+                            if meta.mode() & 0o7777 != 0o600 || meta.gid() != gid.as_raw() {
+                                wrong.push(format!("mode {:o} gid {}", meta.mode(), meta.gid()));
+                            }
+                        }
+                    }
+                    wrong
+                })
+            };
+            let socket = ClientSocket::bind(&path, 0o600, Some(&group))
+                .await
+                .unwrap();
+            // Stop only once the observer has seen the bound socket, so
+            // each round really looked at the path while it was there.
+            while seen.load(Ordering::Relaxed) == 0 {
+                std::thread::yield_now();
+            }
+            stop.store(true, Ordering::Relaxed);
+            let wrong = observer.join().unwrap();
+            assert!(wrong.is_empty(), "the final path showed {wrong:?}");
+            drop(socket);
+        }
+        assert!(entries(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_binds_meanwhile_wins_and_we_clean_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sock");
+        let staged = Staged::bind(&path, 0o600, None).unwrap();
+        // Another daemon binds the path between our stale check and link.
+        let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let other_ino = std::fs::symlink_metadata(&path).unwrap().ino();
+        assert!(matches!(
+            staged.publish(&path).await,
+            Err(ListenerError::AlreadyRunning(_))
+        ));
+        assert_eq!(
+            std::fs::symlink_metadata(&path).unwrap().ino(),
+            other_ino,
+            "the other daemon's socket stays"
+        );
+        assert_eq!(entries(dir.path()), ["r.sock"], "private directory removed");
+        drop(other);
+    }
+
+    #[tokio::test]
+    async fn anything_else_created_meanwhile_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sock");
+        let staged = Staged::bind(&path, 0o600, None).unwrap();
+        std::fs::write(&path, "data").unwrap();
+        assert!(matches!(
+            staged.publish(&path).await,
+            Err(ListenerError::PathTaken(_))
+        ));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+        assert_eq!(entries(dir.path()), ["r.sock"], "private directory removed");
+    }
+
+    #[tokio::test]
+    async fn too_long_paths_are_refused_clearly_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // The final path itself does not fit.
+        let long = dir.path().join("x".repeat(MAX_SOCKET_PATH));
+        assert!(matches!(
+            ClientSocket::bind(&long, 0o600, None).await,
+            Err(ListenerError::PathTooLong { .. })
+        ));
+        // The final path fits with 4 bytes to spare; the temporary one,
+        // `.inferd.<pid>.<n>/s` instead of `s`, does not.
+        let base = dir.path().as_os_str().len() + 1;
+        let parent = dir.path().join("p".repeat(MAX_SOCKET_PATH - 6 - base));
+        std::fs::create_dir(&parent).unwrap();
+        let path = parent.join("s");
+        assert_eq!(path.as_os_str().len(), MAX_SOCKET_PATH - 4);
+        let err = ClientSocket::bind(&path, 0o600, None).await.unwrap_err();
+        let ListenerError::TemporaryPathTooLong { temporary, len, .. } = &err else {
+            panic!("expected TemporaryPathTooLong, got {err:?}");
+        };
+        assert!(*len > MAX_SOCKET_PATH);
+        assert!(temporary.starts_with(&parent));
+        assert!(entries(&parent).is_empty());
     }
 
     #[tokio::test]
@@ -211,9 +639,10 @@ mod tests {
         let path = dir.path().join("not-a-socket");
         std::fs::write(&path, "data").unwrap();
         assert!(matches!(
-            ClientSocket::bind(&path, 0o660).await,
+            ClientSocket::bind(&path, 0o660, None).await,
             Err(ListenerError::NotASocket(_))
         ));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+        assert!(entries(dir.path()) == ["not-a-socket"]);
     }
 }

@@ -18,6 +18,10 @@
 //! | `inferd_workers` | `state` | live worker processes per lifecycle state; every state (`starting`, `ready`, `busy`, `draining`, `stopping`, `exiting`) is always present, 0 when none |
 //! | `inferd_queue_depth` | | requests waiting for a worker |
 //! | `inferd_queue_capacity` | | requests the queue holds before new ones are answered `overloaded` |
+//! | `inferd_queued_bytes` | | bytes of text held by queued requests |
+//! | `inferd_queued_bytes_budget` | | `max_queued_bytes`: the most queued text the supervisor holds |
+//! | `inferd_connections` | | client connections open |
+//! | `inferd_connections_max` | | the connection cap in force (`max_connections`, lowered at start if the descriptor limit is too small) |
 //! | `inferd_unavailable` | | 1 while the pool cannot serve requests (e.g. workers fail to load; the reason is in `inferctl status` and the log), else 0 |
 //! | `inferd_memory_soft_limit_bytes` | | per-worker memory above which a worker is recycled gracefully; only when set |
 //! | `inferd_memory_hard_limit_bytes` | | per-worker memory above which a worker is killed (and its cgroup's limit); only when set |
@@ -38,7 +42,9 @@
 //! |---|---|---|
 //! | `inferd_requests_accepted_total` | | embed requests accepted into the queue |
 //! | `inferd_requests_ok_total` | | requests answered with embeddings |
-//! | `inferd_requests_failed_total` | `kind` | requests answered with an error, per error kind: `bad_request`, `overloaded`, `timeout`, `worker_lost`, `shutting_down`, `unavailable`, `permission_denied`, `internal`, `client_gone` (the client left before its answer), each always present; any other kind the pool counts appears too |
+//! | `inferd_requests_failed_total` | `kind` | requests answered with an error, per error kind: `bad_request`, `overloaded`, `timeout`, `worker_lost`, `shutting_down`, `unavailable`, `permission_denied`, `internal`, each always present; any other kind the pool counts appears too |
+//! | `inferd_requests_abandoned_total` | | queued requests dropped unrun because their client disconnected |
+//! | `inferd_connections_refused_total` | `reason` | client connections refused, per reason: `max_connections`, `max_connections_per_uid`, `permission_denied`, each always present |
 //! | `inferd_request_retries_total` | | in-flight requests re-dispatched after their worker died |
 //! | `inferd_poison_rejections_total` | | requests quarantined as poison inputs (answered `worker_lost`) |
 //! | `inferd_workers_spawned_total` | | worker processes spawned |
@@ -54,9 +60,8 @@ use inferd_proto::{PoolStatus, WorkerStatus};
 const WORKER_STATES: [&str; 6] = [
     "starting", "ready", "busy", "draining", "stopping", "exiting",
 ];
-/// Request failure kinds, always exported: `RequestError::kind` plus the
-/// pool's own `client_gone`.
-const FAILURE_KINDS: [&str; 9] = [
+/// Request failure kinds (`RequestError::kind`), always exported.
+const FAILURE_KINDS: [&str; 8] = [
     "bad_request",
     "overloaded",
     "timeout",
@@ -65,7 +70,12 @@ const FAILURE_KINDS: [&str; 9] = [
     "unavailable",
     "permission_denied",
     "internal",
-    "client_gone",
+];
+/// Connection refusal reasons, always exported.
+const REFUSAL_REASONS: [&str; 3] = [
+    crate::connections::REFUSED_TOTAL,
+    crate::connections::REFUSED_PER_UID,
+    crate::connections::REFUSED_PERMISSION,
 ];
 /// Recycle triggers, always exported.
 const RECYCLE_TRIGGERS: [&str; 4] = ["soft_limit", "max_requests", "max_lifetime", "roll"];
@@ -138,6 +148,34 @@ impl Display for Exposition<'_> {
             Gauge,
             "Requests the queue holds before answering overloaded.",
             status.queue_capacity,
+        )?;
+        scalar(
+            f,
+            "inferd_queued_bytes",
+            Gauge,
+            "Bytes of text held by queued requests.",
+            status.queued_bytes,
+        )?;
+        scalar(
+            f,
+            "inferd_queued_bytes_budget",
+            Gauge,
+            "Most bytes of queued text the supervisor holds (max_queued_bytes).",
+            status.queued_bytes_budget,
+        )?;
+        scalar(
+            f,
+            "inferd_connections",
+            Gauge,
+            "Client connections open.",
+            status.connections,
+        )?;
+        scalar(
+            f,
+            "inferd_connections_max",
+            Gauge,
+            "The client connection cap in force.",
+            status.max_connections,
         )?;
         scalar(
             f,
@@ -229,6 +267,22 @@ impl Display for Exposition<'_> {
             "kind",
             &FAILURE_KINDS,
             counted(&counters.requests_failed),
+        )?;
+        scalar(
+            f,
+            "inferd_requests_abandoned_total",
+            Counter,
+            "Queued requests dropped unrun because their client disconnected.",
+            counters.requests_abandoned,
+        )?;
+        labelled(
+            f,
+            "inferd_connections_refused_total",
+            Counter,
+            "Client connections refused, by reason.",
+            "reason",
+            &REFUSAL_REASONS,
+            counted(&counters.connections_refused),
         )?;
         scalar(
             f,
@@ -500,6 +554,10 @@ mod tests {
             ],
             queue_depth: 3,
             queue_capacity: 64,
+            queued_bytes: 4096,
+            queued_bytes_budget: 1 << 26,
+            connections: 12,
+            max_connections: 4096,
             unavailable_reason: Some("model \"m\" failed\nto load".into()),
             soft_limit_bytes: Some(1 << 30),
             hard_limit_bytes: Some(2 << 30),
@@ -511,9 +569,11 @@ mod tests {
                 requests_failed: map(&[
                     ("timeout", 3),
                     ("overloaded", 2),
-                    ("client_gone", 1),
+                    ("internal", 1),
                     (ODD_KIND, 4),
                 ]),
+                requests_abandoned: 5,
+                connections_refused: map(&[("max_connections_per_uid", 6)]),
                 retries: 2,
                 poison_rejections: 1,
                 workers_spawned: 7,
@@ -612,6 +672,10 @@ mod tests {
             "inferd_workers",
             "inferd_queue_depth",
             "inferd_queue_capacity",
+            "inferd_queued_bytes",
+            "inferd_queued_bytes_budget",
+            "inferd_connections",
+            "inferd_connections_max",
             "inferd_unavailable",
             "inferd_memory_soft_limit_bytes",
             "inferd_memory_hard_limit_bytes",
@@ -623,6 +687,8 @@ mod tests {
             "inferd_requests_accepted_total",
             "inferd_requests_ok_total",
             "inferd_requests_failed_total",
+            "inferd_requests_abandoned_total",
+            "inferd_connections_refused_total",
             "inferd_request_retries_total",
             "inferd_poison_rejections_total",
             "inferd_workers_spawned_total",
@@ -670,7 +736,16 @@ mod tests {
         assert_eq!(v("inferd_requests_ok_total", &[]), 90.0);
         assert_eq!(v(failed, &[("kind", "timeout")]), 3.0);
         assert_eq!(v(failed, &[("kind", "overloaded")]), 2.0);
-        assert_eq!(v(failed, &[("kind", "client_gone")]), 1.0);
+        assert_eq!(v(failed, &[("kind", "internal")]), 1.0);
+        assert_eq!(v("inferd_requests_abandoned_total", &[]), 5.0);
+        let refused = "inferd_connections_refused_total";
+        assert_eq!(v(refused, &[("reason", "max_connections_per_uid")]), 6.0);
+        assert_eq!(v(refused, &[("reason", "max_connections")]), 0.0);
+        assert_eq!(sample_count(&parsed, refused), REFUSAL_REASONS.len());
+        assert_eq!(v("inferd_queued_bytes", &[]), 4096.0);
+        assert_eq!(v("inferd_queued_bytes_budget", &[]), f64::from(1 << 26));
+        assert_eq!(v("inferd_connections", &[]), 12.0);
+        assert_eq!(v("inferd_connections_max", &[]), 4096.0);
         assert_eq!(v(failed, &[("kind", "bad_request")]), 0.0);
         assert_eq!(v(failed, &[("kind", ODD_KIND)]), 4.0, "escaped label value");
         assert_eq!(sample_count(&parsed, failed), FAILURE_KINDS.len() + 1);
@@ -762,6 +837,7 @@ mod tests {
             RequestError::Unavailable { reason: "".into() },
             RequestError::PermissionDenied { reason: "".into() },
             RequestError::Internal { message: "".into() },
+            RequestError::TooManyConnections { reason: "".into() },
         ];
         for error in errors {
             match &error {
@@ -773,6 +849,8 @@ mod tests {
                 | RequestError::Unavailable { .. }
                 | RequestError::PermissionDenied { .. }
                 | RequestError::Internal { .. } => {}
+                // A connection refusal, counted in connections_refused.
+                RequestError::TooManyConnections { .. } => continue,
             }
             assert!(FAILURE_KINDS.contains(&error.kind()), "{}", error.kind());
         }

@@ -29,8 +29,10 @@ use crate::config::Config;
 use crate::memory::MemorySource;
 use crate::notify::Notifier;
 use crate::policy::{RecyclePolicy, RestartPacer, Verdict, WorkerFacts};
+use crate::connections::ConnectionLimits;
 use crate::process::{self, KillReason, OomEvidence, RetireReason, WorkerEnd};
-use crate::request::{Request, Responder};
+use crate::queue::{FairQueue, Measure};
+use crate::request::{ClientKey, Request, Responder};
 use crate::worker::{IoEvent, Worker, WorkerState};
 
 /// How often deadlines, stuck workers and missed reaps are checked.
@@ -53,8 +55,10 @@ const UNAVAILABLE_AFTER: u32 = 3;
 pub enum PoolMsg {
     /// Embed `texts`.
     Embed {
+        /// Who asks (the queue takes turns between clients).
+        client: ClientKey,
         /// The texts.
-        texts: Vec<String>,
+        texts: Arc<[String]>,
         /// Client deadline, relative to arrival.
         deadline: Option<Duration>,
         /// Where the answer goes.
@@ -69,6 +73,12 @@ pub enum PoolMsg {
     Metrics {
         /// Where the answer goes.
         responder: Responder,
+    },
+    /// The client connection `conn` is gone: its queued requests are
+    /// dropped unrun.
+    Disconnected {
+        /// The connection.
+        conn: u64,
     },
     /// Start a rolling restart of every worker, with a new configuration
     /// (SIGHUP re-read the file) or the running one (`inferctl roll`).
@@ -92,6 +102,7 @@ impl PoolMsg {
                     responder.fail(error);
                 }
             }
+            Self::Disconnected { .. } => {}
         }
     }
 }
@@ -138,6 +149,8 @@ pub struct Seams {
     pub cgroup_summary: String,
     /// systemd's notification socket (a no-op outside systemd).
     pub notifier: Notifier,
+    /// The client connection count and caps, for status and metrics.
+    pub connections: Arc<ConnectionLimits>,
 }
 
 /// The pool task's state.
@@ -146,8 +159,9 @@ pub struct Pool {
     config: Arc<Config>,
     /// Workers by id, including those on their way out until reaped.
     workers: BTreeMap<u64, Worker>,
-    /// Accepted requests waiting for a worker; retries go to the front.
-    queue: VecDeque<Request>,
+    /// Accepted requests waiting for a worker, fair between clients;
+    /// retries go first.
+    queue: FairQueue,
     /// Cumulative counters.
     counters: Counters,
     /// Next worker id.
@@ -196,7 +210,7 @@ impl Pool {
         let now = Instant::now();
         let mut pool = Pool {
             workers: BTreeMap::new(),
-            queue: VecDeque::new(),
+            queue: FairQueue::new(),
             counters: Counters::default(),
             next_worker_id: 1,
             next_request_id: 1,
@@ -246,10 +260,16 @@ impl Pool {
                 responder.metrics(crate::metrics::render(&self.status(now)))
             }
             PoolMsg::Embed {
+                client,
                 texts,
                 deadline,
                 responder,
-            } => self.accept(texts, deadline, responder, now),
+            } => self.accept(client, texts, deadline, responder, now),
+            PoolMsg::Disconnected { conn } => {
+                for request in self.queue.remove_connection(conn) {
+                    self.abandon(request);
+                }
+            }
             PoolMsg::Roll { config, responder } => self.begin_roll(config, responder, now),
         }
     }
@@ -328,7 +348,8 @@ impl Pool {
 
     fn accept(
         &mut self,
-        texts: Vec<String>,
+        client: ClientKey,
+        texts: Arc<[String]>,
         deadline: Option<Duration>,
         responder: Responder,
         now: Instant,
@@ -337,10 +358,6 @@ impl Pool {
             Some(RequestError::ShuttingDown)
         } else if let Err(err) = self.config.limits().check(&texts) {
             Some(err)
-        } else if self.queue.len() >= self.config.queue_capacity {
-            Some(RequestError::Overloaded {
-                capacity: self.config.queue_capacity as u32,
-            })
         } else {
             self.unavailable()
                 .map(|reason| RequestError::Unavailable { reason })
@@ -351,11 +368,54 @@ impl Pool {
             return;
         }
         let deadline = now + deadline.unwrap_or_else(|| self.config.default_deadline());
-        let request = Request::new(self.next_request_id, texts, now, deadline, responder);
+        let request = Request::new(self.next_request_id, client, texts, now, deadline, responder);
         self.next_request_id += 1;
+        if !self.make_room(&request, now) {
+            let error = self.overloaded();
+            self.count_failure(&error);
+            request.responder.embed(Err(error));
+            return;
+        }
         self.counters.requests_accepted += 1;
-        self.queue.push_back(request);
+        self.queue.push(request);
         self.dispatch(now);
+    }
+
+    /// Makes room in a full queue (by count or by bytes) for `request`:
+    /// pushes out the newest requests of heavier clients. False when the
+    /// newcomer is the heaviest and must be refused itself.
+    fn make_room(&mut self, request: &Request, now: Instant) -> bool {
+        let budget = self.config.max_queued_bytes.as_u64();
+        loop {
+            let measure = if self.queue.len() >= self.config.queue_capacity {
+                Measure::Count
+            } else if self.queue.bytes() + request.bytes > budget {
+                Measure::Bytes
+            } else {
+                return true;
+            };
+            let weight = match measure {
+                Measure::Count => 1,
+                Measure::Bytes => request.bytes,
+            };
+            let Some(victim) = self.queue.evict_for(request.client, weight, measure) else {
+                return false;
+            };
+            debug!(
+                request_id = victim.id,
+                for_request = request.id,
+                ?measure,
+                "queue full: pushing out the heaviest client's newest request"
+            );
+            let error = self.overloaded();
+            self.finish(victim, Err(error), now);
+        }
+    }
+
+    fn overloaded(&self) -> RequestError {
+        RequestError::Overloaded {
+            capacity: self.config.queue_capacity as u32,
+        }
     }
 
     /// Hands queued requests to idle workers, longest-idle first.
@@ -380,7 +440,7 @@ impl Pool {
                 worker_id,
                 request_id = request.id,
                 texts = request.texts.len(),
-                bytes = request.text_bytes(),
+                bytes = request.bytes,
                 "dispatch"
             );
             if let Err(request) = worker.assign(request, now) {
@@ -392,7 +452,7 @@ impl Pool {
     /// Next queued request worth running: drops those whose client left and
     /// answers those past their deadline.
     fn pop_runnable(&mut self, now: Instant) -> Option<Request> {
-        while let Some(request) = self.queue.pop_front() {
+        while let Some(request) = self.queue.pop() {
             if request.responder.client_gone() {
                 self.abandon(request);
                 continue;
@@ -533,7 +593,7 @@ impl Pool {
                 request_id = request.id,
                 fingerprint = format!("{:016x}", request.fingerprint),
                 texts = request.texts.len(),
-                bytes = request.text_bytes(),
+                bytes = request.bytes,
                 deaths = request.deaths,
                 "request was in flight at repeated worker deaths; quarantined as poison"
             );
@@ -546,7 +606,7 @@ impl Pool {
                 request_id = request.id,
                 "re-dispatching the request of a dead worker"
             );
-            self.queue.push_front(request);
+            self.queue.push_retry(request);
         }
     }
 
@@ -604,7 +664,7 @@ impl Pool {
             worker_id,
             pid: pid as u32,
             kind: kind.to_owned(),
-            description,
+            description: description.clone(),
             requests_served: served,
             age_secs: age_s,
             uptime_at_exit_secs: now.duration_since(self.started).as_secs_f64(),
@@ -619,16 +679,20 @@ impl Pool {
             return;
         }
         if worker.ready_at.is_none() {
-            let reason = worker
-                .load_error
-                .take()
-                .unwrap_or_else(|| format!("worker {kind} before it was ready"));
-            self.start_failed(reason, now);
-        } else if end.is_some_and(|end| {
-            // OOM kills are the leaks inferd contains, not a crash loop:
-            // each replacement must load and serve before it can die again.
-            !end.was_requested() && !matches!(end, WorkerEnd::OomKilled { .. })
-        }) {
+            // Only evidence that starting cannot work counts towards
+            // "unavailable"; a kill from outside is followed by a new start
+            // at once.
+            match worker.load_error.take() {
+                Some(reason) => self.start_failed(reason, now),
+                None if end.is_none_or(|end| end.is_failed_start()) => {
+                    self.start_failed(format!("worker {description} before it was ready"), now)
+                }
+                None => info!(
+                    worker_id,
+                    pid, "worker killed from outside while starting; starting another"
+                ),
+            }
+        } else if end.is_some_and(|end| end.is_crash()) {
             if let Some(delay) = self.pacer.unexpected_exit(now) {
                 error!(
                     max_restarts = self.config.max_restarts,
@@ -649,7 +713,7 @@ impl Pool {
             "worker failed to start"
         );
         if let Some(reason) = self.unavailable() {
-            while let Some(request) = self.queue.pop_front() {
+            while let Some(request) = self.queue.pop() {
                 self.finish(
                     request,
                     Err(RequestError::Unavailable {
@@ -993,22 +1057,16 @@ impl Pool {
     }
 
     fn expire_queued(&mut self, now: Instant) {
-        if !self
-            .queue
-            .iter()
-            .any(|r| now >= r.deadline || r.responder.client_gone())
-        {
+        let done = |r: &Request| now >= r.deadline || r.responder.client_gone();
+        if !self.queue.any(done) {
             return;
         }
-        let queued = std::mem::take(&mut self.queue);
-        for request in queued {
+        for request in self.queue.take_where(done) {
             if now >= request.deadline {
                 let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
                 self.finish(request, Err(RequestError::Timeout { elapsed_ms }), now);
-            } else if request.responder.client_gone() {
-                self.abandon(request);
             } else {
-                self.queue.push_back(request);
+                self.abandon(request);
             }
         }
     }
@@ -1035,7 +1093,7 @@ impl Pool {
     /// once no work is left, ask every worker to exit.
     fn drain_step(&mut self, deadline: Instant, now: Instant) {
         if now >= deadline {
-            while let Some(request) = self.queue.pop_front() {
+            while let Some(request) = self.queue.pop() {
                 self.finish(request, Err(RequestError::ShuttingDown), now);
             }
             let running: Vec<u64> = self
@@ -1082,13 +1140,16 @@ impl Pool {
         request.responder.embed(result);
     }
 
-    /// Drops a queued request whose client disconnected: nobody to answer.
+    /// Drops a queued request whose client disconnected, unrun: nobody
+    /// would read the answer, and a client that gave up and retries must
+    /// not double the load.
     fn abandon(&mut self, request: Request) {
         debug!(
             request_id = request.id,
+            conn = request.client.conn,
             "client gone; dropping its queued request"
         );
-        count_failure(&mut self.counters, "client_gone");
+        self.counters.requests_abandoned += 1;
         request.responder.abandon();
     }
 
@@ -1123,12 +1184,19 @@ impl Pool {
                 .collect(),
             queue_depth: self.queue.len() as u32,
             queue_capacity: self.config.queue_capacity as u32,
+            queued_bytes: self.queue.bytes(),
+            queued_bytes_budget: self.config.max_queued_bytes.as_u64(),
+            connections: self.seams.connections.open(),
+            max_connections: self.seams.connections.max(),
             unavailable_reason: self.unavailable(),
             soft_limit_bytes: self.policy.soft_limit,
             hard_limit_bytes: self.policy.hard_limit,
             cgroups: self.seams.cgroup_summary.clone(),
             recent_exits: self.recent_exits.iter().cloned().collect(),
-            counters: self.counters.clone(),
+            counters: Counters {
+                connections_refused: self.seams.connections.refused(),
+                ..self.counters.clone()
+            },
         }
     }
 }

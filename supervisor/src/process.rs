@@ -303,11 +303,61 @@ impl WorkerEnd {
         }
     }
 
-    /// True for ends inferd asked for; anything else counts towards the
-    /// crash-loop guard.
+    /// True for ends inferd asked for.
     pub fn was_requested(&self) -> bool {
         matches!(self, Self::Retired { .. } | Self::KilledBySupervisor { .. })
     }
+
+    /// For a worker that ended before it was Ready: does this end say that
+    /// starting a worker does not work (so that retrying at once is futile)?
+    /// A load failure, a crash, a non-zero exit, an OOM kill while loading
+    /// (the limit is below what the model needs), or no Ready in time do. A
+    /// signal from outside (an operator's or a neighbour's `kill`) does not:
+    /// it says nothing about the next start, which goes ahead at once.
+    pub fn is_failed_start(&self) -> bool {
+        match self {
+            Self::Retired { .. } => false,
+            Self::KilledBySupervisor { reason } => !matches!(
+                reason,
+                KillReason::DrainDeadline | KillReason::RequestTimeout
+            ),
+            // Its own cgroup's limit is below what loading needs; a host-wide
+            // OOM kill says nothing certain about this worker.
+            Self::OomKilled { likely } => !likely,
+            Self::Exited { .. } => true,
+            Self::Signaled { signal } => is_self_inflicted(*signal),
+        }
+    }
+
+    /// For a worker that had been Ready: is this end part of a crash loop
+    /// (the worker failing by itself)? Crashes and exits are; anything inferd
+    /// asked for, OOM kills (the leaks inferd contains: each replacement must
+    /// load and serve before it can die again) and signals from outside are
+    /// not, so a kill storm never slows replacements down.
+    pub fn is_crash(&self) -> bool {
+        match self {
+            Self::Exited { .. } => true,
+            Self::Signaled { signal } => is_self_inflicted(*signal),
+            Self::Retired { .. } | Self::KilledBySupervisor { .. } | Self::OomKilled { .. } => {
+                false
+            }
+        }
+    }
+}
+
+/// Signals a process gets from its own faults (bad memory access, abort,
+/// illegal instruction...), as opposed to ones somebody else sends it.
+fn is_self_inflicted(signal: Signal) -> bool {
+    matches!(
+        signal,
+        Signal::SIGSEGV
+            | Signal::SIGBUS
+            | Signal::SIGILL
+            | Signal::SIGFPE
+            | Signal::SIGABRT
+            | Signal::SIGSYS
+            | Signal::SIGTRAP
+    )
 }
 
 impl fmt::Display for WorkerEnd {
@@ -330,6 +380,49 @@ impl fmt::Display for WorkerEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_workers_own_failures_count_against_starts_and_crash_loops() {
+        let external = WorkerEnd::Signaled {
+            signal: Signal::SIGKILL,
+        };
+        let sigterm = WorkerEnd::Signaled {
+            signal: Signal::SIGTERM,
+        };
+        let abort = WorkerEnd::Signaled {
+            signal: Signal::SIGABRT,
+        };
+        let segv = WorkerEnd::Signaled {
+            signal: Signal::SIGSEGV,
+        };
+        let exit1 = WorkerEnd::Exited { code: 1 };
+        let startup = WorkerEnd::KilledBySupervisor {
+            reason: KillReason::StartupTimeout,
+        };
+        let oom = WorkerEnd::OomKilled { likely: false };
+        let likely_oom = WorkerEnd::OomKilled { likely: true };
+        let retired = WorkerEnd::Retired {
+            reason: RetireReason::Roll,
+        };
+        let failed_start: Vec<bool> = [
+            external, sigterm, abort, segv, exit1, startup, oom, likely_oom, retired,
+        ]
+        .iter()
+        .map(WorkerEnd::is_failed_start)
+        .collect();
+        assert_eq!(
+            failed_start,
+            [false, false, true, true, true, true, true, false, false]
+        );
+        let crash: Vec<bool> = [external, sigterm, abort, segv, exit1, startup, oom, retired]
+            .iter()
+            .map(WorkerEnd::is_crash)
+            .collect();
+        assert_eq!(
+            crash,
+            [false, false, true, true, true, false, false, false]
+        );
+    }
 
     #[test]
     fn classification_uses_status_intent_and_oom_evidence() {

@@ -1,6 +1,7 @@
 //! A client request inside the supervisor, and the handle that answers it.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use inferd_proto::{EmbedResult, PoolStatus, RequestError, ServerMessage};
 use tokio::sync::mpsc;
@@ -22,6 +23,12 @@ impl Responder {
     /// A responder for client request `id` on the connection behind `tx`.
     pub fn new(id: u64, tx: mpsc::UnboundedSender<ServerMessage>) -> Self {
         Self { id, tx: Some(tx) }
+    }
+
+    /// A responder with nowhere to answer (unit tests of the queue).
+    #[cfg(test)]
+    pub fn detached(id: u64) -> Self {
+        Self { id, tx: None }
     }
 
     /// True when the client connection is gone: nobody would read an answer.
@@ -59,7 +66,10 @@ impl Responder {
     /// Answers a status request.
     pub fn status(self, status: PoolStatus) {
         let id = self.id;
-        self.send(ServerMessage::Status { id, status });
+        self.send(ServerMessage::Status {
+            id,
+            status: Box::new(status),
+        });
     }
 
     /// Gives up on answering because the client is gone.
@@ -92,13 +102,28 @@ impl Drop for Responder {
     }
 }
 
+/// Which client a request came from: the queue takes turns by uid, then by
+/// connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// The peer's uid (`SO_PEERCRED`).
+    pub uid: u32,
+    /// The connection, numbered by the supervisor.
+    pub conn: u64,
+}
+
 /// An accepted embed request, owned by the queue or by the worker running it.
 #[derive(Debug)]
 pub struct Request {
     /// Supervisor-wide id (the client's own id is inside the responder).
     pub id: u64,
-    /// The texts, kept until answered so the request can be re-dispatched.
-    pub texts: Vec<String>,
+    /// Who sent it.
+    pub client: ClientKey,
+    /// The texts, kept until answered so the request can be re-dispatched;
+    /// shared with the worker command, never copied per dispatch.
+    pub texts: Arc<[String]>,
+    /// Bytes of text, counted against the queue's byte budget.
+    pub bytes: u64,
     /// Hash of the texts: identifies a poison input in logs without logging it.
     pub fingerprint: u64,
     /// When the supervisor accepted it.
@@ -115,7 +140,8 @@ impl Request {
     /// A new request accepted at `now`.
     pub fn new(
         id: u64,
-        texts: Vec<String>,
+        client: ClientKey,
+        texts: Arc<[String]>,
         now: Instant,
         deadline: Instant,
         responder: Responder,
@@ -124,6 +150,8 @@ impl Request {
         texts.hash(&mut hasher);
         Self {
             id,
+            client,
+            bytes: texts.iter().map(|t| t.len() as u64).sum(),
             texts,
             fingerprint: hasher.finish(),
             accepted: now,
@@ -133,10 +161,6 @@ impl Request {
         }
     }
 
-    /// Total bytes of text, for logs.
-    pub fn text_bytes(&self) -> usize {
-        self.texts.iter().map(String::len).sum()
-    }
 }
 
 #[cfg(test)]
@@ -155,7 +179,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         Responder::new(6, tx).embed(Err(RequestError::ShuttingDown));
-        assert_eq!(rx.try_recv().unwrap().id(), 6);
+        assert_eq!(rx.try_recv().unwrap().id(), Some(6));
         assert!(rx.try_recv().is_err(), "answered once, nothing from drop");
     }
 }

@@ -2,11 +2,23 @@
 //! them to the pool with a [`Responder`] that feeds its outgoing queue, and
 //! writes answers as they come, so requests may be pipelined. A bad frame
 //! closes this connection only; nothing it sends can reach another client.
+//!
+//! Before anything is read from a new connection, its peer credentials are
+//! checked against the connection caps ([`ConnectionLimits`]) and the access
+//! policy. A refused peer gets the supervisor's hello and a
+//! [`ServerMessage::Refused`] frame saying why, and the connection closes;
+//! the hello it sends is read with the small pre-authentication limit
+//! ([`inferd_proto::HELLO_MAX_BYTES`]), so nothing large is buffered for a
+//! peer nobody has checked. When the client goes away (closes or resets
+//! its socket, as opposed to only shutting down its writing side), the pool
+//! is told at once and drops its queued requests unrun.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use inferd_proto::{ClientMessage, Connection, RequestError, ServerMessage};
+use inferd_proto::{encode_frame, ClientMessage, Connection, Hello, RequestError, ServerMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -14,20 +26,41 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::access::Peer;
 use crate::config::Config;
+use crate::connections::{ConnectionLimits, ConnectionPermit, REFUSED_PERMISSION};
 use crate::pool::PoolMsg;
-use crate::request::Responder;
+use crate::request::{ClientKey, Responder};
+
+/// A refused peer gets this long to read the refusal before the connection
+/// closes (closing while its hello is unread would turn our last frames into
+/// a reset for some peers).
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// Bytes read (and discarded) from a refused peer while lingering.
+const REFUSAL_READ_LIMIT: usize = 4096;
 
 /// The supervisor's end of a client connection.
 type ClientConnection = Connection<UnixStream, ServerMessage, ClientMessage>;
 
-/// Serves one client until it disconnects, sends a bad frame, or the daemon
-/// shuts down with nothing of this client's left to answer.
-pub async fn serve_client(
-    stream: UnixStream,
-    config: Arc<Config>,
-    pool: mpsc::Sender<PoolMsg>,
-    shutdown: CancellationToken,
-) {
+/// Everything a connection task needs besides its socket.
+#[derive(Clone)]
+pub struct ServeContext {
+    /// The configuration the connection was accepted with.
+    pub config: Arc<Config>,
+    /// The connection caps.
+    pub limits: Arc<ConnectionLimits>,
+    /// Refused peers allowed to linger at once; beyond that a refusal is
+    /// written and the connection closed at once, so a flood of refused
+    /// connections cannot hold descriptors.
+    pub lingering: Arc<tokio::sync::Semaphore>,
+    /// The pool.
+    pub pool: mpsc::Sender<PoolMsg>,
+    /// Cancelled when the daemon shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// Serves one client, numbered `conn_id`, until it disconnects, sends a bad
+/// frame, or the daemon shuts down with nothing of this client's left to
+/// answer.
+pub async fn serve_client(stream: UnixStream, conn_id: u64, cx: ServeContext) {
     let peer = match stream.peer_cred() {
         Ok(cred) => Peer {
             uid: cred.uid(),
@@ -39,19 +72,93 @@ pub async fn serve_client(
             return;
         }
     };
-    let span = info_span!("conn", peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = ?peer.pid);
-    serve_peer(stream, peer, config, pool, shutdown)
-        .instrument(span)
-        .await;
+    let span = info_span!("conn", conn_id, peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = ?peer.pid);
+    async move {
+        let permit = match admit(&cx, peer) {
+            Ok(permit) => permit,
+            Err(error) => {
+                refuse(stream, error, &cx.lingering).await;
+                return;
+            }
+        };
+        serve_peer(stream, peer, conn_id, permit, cx).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The connection caps, then the access policy.
+fn admit(cx: &ServeContext, peer: Peer) -> Result<ConnectionPermit, RequestError> {
+    let permit = cx.limits.try_admit(peer.uid).inspect_err(|error| {
+        warn!(%error, "refusing client connection");
+    })?;
+    if let Err(reason) = cx.config.access.admit(peer) {
+        warn!(%reason, "refusing client");
+        cx.limits.count_refusal(REFUSED_PERMISSION);
+        return Err(RequestError::PermissionDenied { reason });
+    }
+    Ok(permit)
+}
+
+/// Tells a refused peer why, before anything of it is read: our hello and a
+/// `Refused` frame, in one write. With a lingering slot free, waits (bounded)
+/// for the peer to finish its side, reading at most a few KiB.
+async fn refuse(mut stream: UnixStream, error: RequestError, lingering: &tokio::sync::Semaphore) {
+    let mut bytes = match encode_frame(&Hello::new("inferd")) {
+        Ok(bytes) => bytes,
+        Err(_) => return,
+    };
+    if let Ok(refusal) = encode_frame(&ServerMessage::Refused { error }) {
+        bytes.extend_from_slice(&refusal);
+    }
+    let Ok(_slot) = lingering.try_acquire() else {
+        // A fresh socket's send buffer is empty: this small write goes
+        // through whole without waiting.
+        let _ = stream.try_write(&bytes);
+        return;
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(&bytes).await?;
+        let mut sink = [0u8; 512];
+        let mut read = 0;
+        while read < REFUSAL_READ_LIMIT {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
+
+/// True when the peer has closed its socket or reset it (both directions
+/// are shut), as opposed to a half-close (shutdown of its writing side
+/// only), after which it still reads its answers.
+fn peer_gone(stream: &UnixStream) -> bool {
+    let mut poll = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for an fd we own, and a zero timeout.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready == 1 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
 async fn serve_peer(
     stream: UnixStream,
     peer: Peer,
-    config: Arc<Config>,
-    pool: mpsc::Sender<PoolMsg>,
-    shutdown: CancellationToken,
+    conn_id: u64,
+    _permit: ConnectionPermit,
+    cx: ServeContext,
 ) {
+    let ServeContext {
+        config,
+        pool,
+        shutdown,
+        ..
+    } = cx;
     let mut conn = ClientConnection::new(stream, config.max_frame_bytes);
     match conn.handshake("inferd").await {
         Ok(hello) => debug!(peer = %hello.software, "client connected"),
@@ -60,11 +167,10 @@ async fn serve_peer(
             return;
         }
     }
-    if let Err(reason) = config.access.admit(peer) {
-        warn!(%reason, "refusing client");
-        refuse_peer(&mut conn, reason).await;
-        return;
-    }
+    let client = ClientKey {
+        uid: peer.uid,
+        conn: conn_id,
+    };
     let (answers_tx, mut answers) = mpsc::unbounded_channel::<ServerMessage>();
     let mut outstanding: usize = 0;
     let mut reading = true;
@@ -81,22 +187,30 @@ async fn serve_peer(
                             continue;
                         }
                     }
-                    submit(message, responder, &pool, &shutdown).await;
+                    submit(message, client, responder, &pool, &shutdown).await;
+                }
+                Ok(None) if peer_gone(conn.get_ref()) => {
+                    debug!(outstanding, "client gone; dropping its queued requests");
+                    break;
                 }
                 Ok(None) => {
-                    debug!("client closed its end");
+                    debug!("client closed its writing side");
                     reading = false;
+                }
+                Err(err) if err.is_disconnect() => {
+                    debug!(error = %err, outstanding, "client gone; dropping its queued requests");
+                    break;
                 }
                 Err(err) => {
                     warn!(error = %err, "bad frame from client; closing its connection");
-                    return;
+                    break;
                 }
             },
             Some(answer) = answers.recv() => {
                 outstanding -= 1;
                 if let Err(err) = conn.send(&answer).await {
                     debug!(error = %err, "cannot write to client; closing");
-                    return;
+                    break;
                 }
             }
             _ = shutdown.cancelled(), if outstanding == 0 => {
@@ -108,18 +222,12 @@ async fn serve_peer(
             return;
         }
     }
-}
-
-/// Answers the refused peer's first request with `permission denied`, so it
-/// learns why, then the connection closes.
-async fn refuse_peer(conn: &mut ClientConnection, reason: String) {
-    let first = tokio::time::timeout(inferd_proto::HANDSHAKE_TIMEOUT, conn.recv()).await;
-    if let Ok(Ok(Some(message))) = first {
-        let answer = ServerMessage::Error {
-            id: message.id(),
-            error: RequestError::PermissionDenied { reason },
-        };
-        let _ = conn.send(&answer).await;
+    if outstanding > 0 {
+        // Dropping `answers` already marks this client's requests as
+        // abandoned (the pool checks on its next tick); the message makes it
+        // immediate. A full channel is not worth waiting for.
+        drop(answers);
+        let _ = pool.try_send(PoolMsg::Disconnected { conn: conn_id });
     }
 }
 
@@ -127,6 +235,7 @@ async fn refuse_peer(conn: &mut ClientConnection, reason: String) {
 /// answered at once.
 async fn submit(
     message: ClientMessage,
+    client: ClientKey,
     responder: Responder,
     pool: &mpsc::Sender<PoolMsg>,
     shutdown: &CancellationToken,
@@ -140,7 +249,8 @@ async fn submit(
                 return;
             }
             PoolMsg::Embed {
-                texts,
+                client,
+                texts: Arc::from(texts),
                 deadline: deadline_ms.map(Duration::from_millis),
                 responder,
             }

@@ -11,6 +11,8 @@
 //!  (every state ends at waitpid)
 //! ```
 
+use std::sync::Arc;
+
 use inferd_proto::{Connection, ProtoError, WorkerCommand, WorkerConfig, WorkerEvent};
 use nix::unistd::Pid;
 use tokio::net::UnixStream;
@@ -242,10 +244,10 @@ impl Worker {
         if !matches!(self.state, WorkerState::Ready { .. }) {
             return Err(request);
         }
-        // Cloned because the request must survive the worker for a retry.
+        // The request keeps its texts for a retry; the command shares them.
         let command = WorkerCommand::Embed {
             request_id: request.id,
-            texts: request.texts.clone(),
+            texts: Arc::clone(&request.texts),
         };
         if self.commands.send(command).is_err() {
             self.state = WorkerState::Lost { since: now };

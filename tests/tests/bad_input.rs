@@ -268,6 +268,104 @@ async fn invalid_request_after_hello_closes_the_connection() {
     t.finish().await;
 }
 
+/// A frame whose payload declares a length far beyond the frame itself:
+/// `prefix` (the message up to the length), then bincode's u64 varint marker
+/// and `claimed`, then a few bytes.
+fn claiming(prefix: &[u8], claimed: u64) -> Vec<u8> {
+    let mut payload = prefix.to_vec();
+    payload.push(0xfd);
+    payload.extend_from_slice(&claimed.to_le_bytes());
+    payload.extend_from_slice(b"tail");
+    payload
+}
+
+/// Once, a 14-byte hello claiming a 2^60-byte string made the supervisor
+/// abort on the allocation ("memory allocation of 1152921504606846976 bytes
+/// failed"), and so did a text claiming 2^40 bytes in an embed request. Each
+/// now closes only its own connection.
+#[tokio::test]
+async fn declared_lengths_beyond_the_frame_close_only_that_connection() {
+    let t = Scenario::start().await;
+
+    // The reported hello, byte for byte: version 3, then a 2^60-byte string.
+    let mut raw = t.raw().await;
+    let _ = raw
+        .write_frame(&[0x03, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0x10])
+        .await;
+    raw.expect_closed(CLOSE_BOUND).await;
+
+    // The same with the current version.
+    let mut raw = t.raw().await;
+    let version = u8::try_from(PROTOCOL_VERSION).expect("a one-byte varint");
+    let _ = raw.write_frame(&claiming(&[version], 1 << 60)).await;
+    raw.expect_closed(CLOSE_BOUND).await;
+
+    // A hello announced larger than the pre-authentication limit: refused
+    // from its length prefix, before anything is buffered for it.
+    let mut raw = t.raw().await;
+    let announced = u32::try_from(inferd_proto::HELLO_MAX_BYTES + 1).expect("small");
+    let _ = raw.write(&announced.to_le_bytes()).await;
+    raw.expect_closed(CLOSE_BOUND).await;
+
+    // Embed (variant 0), id 1, one text claiming 2^40 and then 2^60 bytes.
+    for claimed in [1u64 << 40, 1 << 60] {
+        let mut raw = t.raw().await;
+        raw.handshake().await;
+        let _ = raw.write_frame(&claiming(&[0x00, 0x01, 0x01], claimed)).await;
+        raw.expect_closed(CLOSE_BOUND).await;
+    }
+
+    // More texts than the protocol allows in one request.
+    let mut raw = t.raw().await;
+    raw.handshake().await;
+    let count = u64::try_from(inferd_proto::MAX_TEXTS_PER_REQUEST + 1).expect("fits");
+    let _ = raw.write_frame(&claiming(&[0x00, 0x01], count)).await;
+    raw.expect_closed(CLOSE_BOUND).await;
+
+    t.finish().await;
+}
+
+/// A peer the allow-list refuses is answered before anything it sends is
+/// decoded: its hostile hello costs the daemon nothing, and it learns why.
+#[tokio::test]
+async fn refused_peer_is_told_why_before_its_frames_are_read() {
+    let own = nix::unistd::getuid().as_raw();
+    let mut access = toml::Table::new();
+    access.insert(
+        "allowed_uids".into(),
+        toml::Value::Array(vec![toml::Value::Integer(i64::from(own) + 4242)]),
+    );
+    let daemon = Daemon::spawn(DaemonConfig::new().set("access", toml::Value::Table(access)));
+    daemon
+        .wait_for_log("worker ready", Duration::from_secs(60))
+        .await;
+    for _ in 0..3 {
+        let mut raw = RawConn::connect(daemon.socket_path()).await;
+        let _ = raw
+            .write_frame(&[0x03, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0x10])
+            .await;
+        let hello = raw.read_hello().await;
+        assert_eq!(hello.protocol_version, PROTOCOL_VERSION);
+        let refusal = raw.read_frame().await.expect("a refusal frame");
+        match inferd_proto::decode_payload::<ServerMessage>(&refusal) {
+            Ok(ServerMessage::Refused {
+                error: RequestError::PermissionDenied { reason },
+            }) => assert!(reason.contains(&format!("uid {own}")), "{reason}"),
+            other => panic!("expected a permission-denied refusal, got {other:?}"),
+        }
+        raw.expect_closed(CLOSE_BOUND).await;
+    }
+    assert!(daemon.exit_status().is_none(), "the daemon is still running");
+    let status_answer = daemon.try_status().await;
+    assert!(
+        matches!(
+            status_answer,
+            Err(ClientError::Request(RequestError::PermissionDenied { .. }))
+        ),
+        "{status_answer:?}"
+    );
+}
+
 /// The hand-made frames above are what their comments say.
 #[test]
 fn raw_payloads_are_what_they_claim() {
@@ -285,4 +383,12 @@ fn raw_payloads_are_what_they_claim() {
     assert!(decode_payload::<ClientMessage>(&[0x00, 0x01, 0x01, 0x02, 0xff, 0xfe, 0x00]).is_err());
     assert!(decode_payload::<ClientMessage>(&[0x09, 0x01]).is_err());
     assert!(decode_payload::<inferd_proto::Hello>(&[0xff; 9]).is_err());
+    // With a small claimed length instead, the same layouts decode.
+    let small: inferd_proto::Hello =
+        decode_payload(&[0x03, 0x02, b'h', b'i']).expect("a hello with a 2-byte string");
+    assert_eq!(small.software, "hi");
+    let mut short = vec![0x00, 0x01, 0x01, 0x04];
+    short.extend_from_slice(b"tail\x00");
+    assert!(decode_payload::<ClientMessage>(&short).is_ok());
+    assert!(decode_payload::<ClientMessage>(&claiming(&[0x00, 0x01, 0x01], 1 << 40)).is_err());
 }

@@ -28,8 +28,16 @@ pub fn format_status(status: &PoolStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "queue        {} / {}",
-        status.queue_depth, status.queue_capacity
+        "queue        {} / {} requests, {} / {} of text",
+        status.queue_depth,
+        status.queue_capacity,
+        mib(status.queued_bytes),
+        mib(status.queued_bytes_budget)
+    );
+    let _ = writeln!(
+        out,
+        "connections  {} / {}",
+        status.connections, status.max_connections
     );
     let limit = |bytes: Option<u64>| bytes.map_or_else(|| "none".into(), mib);
     let _ = writeln!(
@@ -89,6 +97,8 @@ pub fn format_status(status: &PoolStatus) -> String {
     let _ = writeln!(out, "  requests accepted   {}", c.requests_accepted);
     let _ = writeln!(out, "  requests ok         {}", c.requests_ok);
     let _ = writeln!(out, "  requests failed     {}", by_kind(&c.requests_failed));
+    let _ = writeln!(out, "  requests abandoned  {}", c.requests_abandoned);
+    let _ = writeln!(out, "  refused connections {}", by_kind(&c.connections_refused));
     let _ = writeln!(out, "  retries             {}", c.retries);
     let _ = writeln!(out, "  poison rejections   {}", c.poison_rejections);
     let _ = writeln!(out, "  workers spawned     {}", c.workers_spawned);
@@ -178,6 +188,10 @@ mod tests {
         counters.requests_failed.insert("worker_lost".into(), 1);
         counters.requests_failed.insert("timeout".into(), 1);
         counters.worker_exits.insert("signaled".into(), 2);
+        counters.requests_abandoned = 3;
+        counters
+            .connections_refused
+            .insert("max_connections_per_uid".into(), 9);
         let status = PoolStatus {
             pid: 4242,
             uptime_secs: 90,
@@ -186,6 +200,10 @@ mod tests {
             workers: vec![worker(3, 100, "ready"), worker(4, 101, "busy")],
             queue_depth: 5,
             queue_capacity: 256,
+            queued_bytes: 3 << 20,
+            queued_bytes_budget: 64 << 20,
+            connections: 7,
+            max_connections: 4096,
             unavailable_reason: Some("model file missing".into()),
             soft_limit_bytes: Some(300 << 20),
             hard_limit_bytes: None,
@@ -205,7 +223,16 @@ mod tests {
         assert!(text.contains("pid 4242, up 1m30s"), "{text}");
         assert!(text.contains("/models/m.onnx"), "{text}");
         assert!(text.contains("1 ready, 1 busy / 2 target"), "{text}");
-        assert!(text.contains("5 / 256"), "{text}");
+        assert!(
+            text.contains("5 / 256 requests, 3.0MiB / 64.0MiB of text"),
+            "{text}"
+        );
+        assert!(text.contains("connections  7 / 4096"), "{text}");
+        assert!(text.contains("requests abandoned  3"), "{text}");
+        assert!(
+            text.contains("refused connections 9 (max_connections_per_uid=9)"),
+            "{text}"
+        );
         assert!(text.contains("UNAVAILABLE  model file missing"), "{text}");
         assert!(text.contains("RSS(MiB)"), "{text}");
         assert!(

@@ -148,7 +148,7 @@ impl Client {
     pub async fn status(&mut self) -> Result<PoolStatus, ClientError> {
         let id = self.take_id();
         match self.request(&ClientMessage::Status { id }).await? {
-            ServerMessage::Status { id: got, status } if got == id => Ok(status),
+            ServerMessage::Status { id: got, status } if got == id => Ok(*status),
             ServerMessage::Error { id: got, error } if got == id => {
                 Err(ClientError::Request(error))
             }
@@ -188,16 +188,23 @@ impl Client {
         id
     }
 
-    /// Sends one request and reads one answer.
+    /// Sends one request and reads one answer. A connection the daemon
+    /// refused (too many connections, permission denied) answers every
+    /// request with the refusal's error.
     async fn request(&mut self, message: &ClientMessage) -> Result<ServerMessage, ClientError> {
-        self.conn.send(message).await.map_err(|e| {
-            if is_peer_gone(&e) {
-                ClientError::Closed
-            } else {
-                ClientError::Send(e)
+        if let Err(e) = self.conn.send(message).await {
+            if !is_peer_gone(&e) {
+                return Err(ClientError::Send(e));
             }
-        })?;
+            // The daemon may have refused the connection and closed it
+            // before our request went out: its reason is still buffered.
+            return match self.conn.recv().await {
+                Ok(Some(ServerMessage::Refused { error })) => Err(ClientError::Request(error)),
+                _ => Err(ClientError::Closed),
+            };
+        }
         match self.conn.recv().await {
+            Ok(Some(ServerMessage::Refused { error })) => Err(ClientError::Request(error)),
             Ok(Some(answer)) => Ok(answer),
             Ok(None) => Err(ClientError::Closed),
             Err(e) if is_peer_gone(&e) => Err(ClientError::Closed),
@@ -223,6 +230,7 @@ fn unexpected(expected: &'static str, id: u64, got: &ServerMessage) -> ClientErr
         ServerMessage::Rolled { id: g, .. } => format!("roll result for request {g}"),
         ServerMessage::Metrics { id: g, .. } => format!("metrics for request {g}"),
         ServerMessage::Error { id: g, error } => format!("error for request {g} ({error})"),
+        ServerMessage::Refused { error } => format!("a refusal of the connection ({error})"),
     };
     ClientError::UnexpectedResponse {
         expected,

@@ -62,7 +62,7 @@ fn embed_answer(request: ClientMessage) -> ServerMessage {
         },
         ClientMessage::Status { id } => ServerMessage::Status {
             id,
-            status: PoolStatus {
+            status: Box::new(PoolStatus {
                 pid: 777,
                 uptime_secs: 5,
                 model: "/m/model.onnx".into(),
@@ -81,7 +81,7 @@ fn embed_answer(request: ClientMessage) -> ServerMessage {
                 unavailable_reason: None,
                 counters: Counters::default(),
                 ..PoolStatus::default()
-            },
+            }),
         },
         other @ (ClientMessage::Roll { .. } | ClientMessage::Metrics { .. }) => error_answer(other),
     }
