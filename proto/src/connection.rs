@@ -1,11 +1,13 @@
 //! A typed, framed connection over any async byte stream.
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::frame::{decode_payload, encode_frame, FrameDecoder};
 use crate::{Hello, ProtoError, PROTOCOL_VERSION};
@@ -19,6 +21,18 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// immediate [`ProtoError::FrameTooLarge`], with nothing reserved for it.
 pub const HELLO_MAX_BYTES: usize = 1024;
 
+/// Bytes of one incoming frame a connection may buffer on its own. A larger
+/// frame first takes permits (one per byte beyond this) from the read budget
+/// shared by every connection ([`Connection::with_read_budget`]), so that many
+/// connections each sending most of a large frame cannot together hold more
+/// than the budget; a small request never waits for it.
+pub const FREE_FRAME_BYTES: usize = 32 * 1024;
+
+/// After a frame is taken, a read buffer with more capacity than this is
+/// replaced by a small one, so an idle connection does not keep the memory of
+/// the largest frame it ever sent.
+const RETAINED_BUFFER_BYTES: usize = 64 * 1024;
+
 /// One end of a connection that sends `Out` messages and receives `In`
 /// messages. Owns the stream and the read buffer; [`Connection::recv`] is
 /// cancel-safe (a partial frame stays buffered), so it can sit in a `select!`.
@@ -30,6 +44,11 @@ pub struct Connection<S, Out, In> {
     buffer: BytesMut,
     /// Frame splitting and the size limit.
     decoder: FrameDecoder,
+    /// Shared budget for frames larger than [`FREE_FRAME_BYTES`]; `None`:
+    /// no budget (a peer that is trusted, such as a worker).
+    read_budget: Option<Arc<Semaphore>>,
+    /// Permits held for the frame being read, returned once it is decoded.
+    held: Option<OwnedSemaphorePermit>,
     /// Ties the message types to this connection without storing them.
     _messages: PhantomData<fn(Out) -> In>,
 }
@@ -46,8 +65,19 @@ where
             stream,
             buffer: BytesMut::with_capacity(8 * 1024),
             decoder: FrameDecoder::new(max_frame_bytes),
+            read_budget: None,
+            held: None,
             _messages: PhantomData,
         }
+    }
+
+    /// Makes frames over [`FREE_FRAME_BYTES`] take one permit per further
+    /// byte from `budget` before they are read (the connection waits for
+    /// them: backpressure, not an error). `budget` must hold at least
+    /// `max_frame_bytes` permits, or a largest frame would wait forever.
+    pub fn with_read_budget(mut self, budget: Arc<Semaphore>) -> Self {
+        self.read_budget = Some(budget);
+        self
     }
 
     /// Sends our hello, reads the peer's, and checks the versions match.
@@ -75,10 +105,14 @@ where
     /// Next message: `Ok(None)` on a clean EOF between frames, an error on EOF
     /// inside a frame, an oversize frame or an undecodable payload.
     pub async fn recv(&mut self) -> Result<Option<In>, ProtoError> {
-        match self.read_payload(self.decoder).await? {
-            Some(payload) => Ok(Some(decode_payload(&payload)?)),
-            None => Ok(None),
-        }
+        let message = match self.read_payload(self.decoder).await? {
+            Some(payload) => Some(decode_payload(&payload)?),
+            None => None,
+        };
+        // The frame's bytes are gone now; what it decoded to is the
+        // caller's to account for.
+        self.held = None;
+        Ok(message)
     }
 
     /// Sends one message.
@@ -105,9 +139,18 @@ where
         decoder: FrameDecoder,
     ) -> Result<Option<BytesMut>, ProtoError> {
         loop {
+            // Measured before the split: the bytes left behind keep the
+            // whole allocation alive, whatever capacity they report.
+            let large = self.buffer.capacity() > RETAINED_BUFFER_BYTES;
             if let Some(payload) = decoder.decode(&mut self.buffer)? {
+                if large {
+                    let mut fresh = BytesMut::with_capacity(self.buffer.len().max(8 * 1024));
+                    fresh.extend_from_slice(&self.buffer);
+                    self.buffer = fresh;
+                }
                 return Ok(Some(payload));
             }
+            self.take_read_budget(decoder).await?;
             if self.stream.read_buf(&mut self.buffer).await? == 0 {
                 return if self.buffer.is_empty() {
                     Ok(None)
@@ -118,6 +161,28 @@ where
                 };
             }
         }
+    }
+
+    /// Before more of a large frame is read: its permits from the read
+    /// budget (cancel-safe: a cancelled wait holds nothing).
+    async fn take_read_budget(&mut self, decoder: FrameDecoder) -> Result<(), ProtoError> {
+        let (Some(budget), None) = (&self.read_budget, &self.held) else {
+            return Ok(());
+        };
+        let Some(len) = decoder.announced_len(&self.buffer) else {
+            return Ok(());
+        };
+        if len <= FREE_FRAME_BYTES || len > decoder.max_frame_bytes() {
+            // Small, or about to be refused by the decoder anyway.
+            return Ok(());
+        }
+        let permits = u32::try_from(len - FREE_FRAME_BYTES).unwrap_or(u32::MAX);
+        let permit = Arc::clone(budget)
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| ProtoError::Io(std::io::Error::other("the read budget was closed")))?;
+        self.held = Some(permit);
+        Ok(())
     }
 }
 
@@ -261,6 +326,53 @@ mod tests {
         client.write_all(&bytes).await.unwrap();
         server.handshake("server").await.unwrap();
         assert_eq!(server.recv().await.unwrap(), Some(request));
+    }
+
+    #[tokio::test]
+    async fn large_frames_wait_for_the_shared_read_budget() {
+        let budget = Arc::new(Semaphore::new(64 * 1024));
+        let big = ClientMessage::Embed {
+            id: 1,
+            texts: vec!["x".repeat(80 * 1024)],
+            deadline_ms: None,
+        };
+        let frame = encode_frame(&big).unwrap();
+        let (mut a_client, a_stream) = duplex(1 << 20);
+        let (mut b_client, b_stream) = duplex(1 << 20);
+        let mut a = Connection::<_, ServerMessage, ClientMessage>::new(a_stream, 1 << 20)
+            .with_read_budget(Arc::clone(&budget));
+        let mut b = Connection::<_, ServerMessage, ClientMessage>::new(b_stream, 1 << 20)
+            .with_read_budget(Arc::clone(&budget));
+        // Both announce a frame; only the first gets its permits.
+        a_client.write_all(&frame[..100]).await.unwrap();
+        b_client.write_all(&frame[..100]).await.unwrap();
+        let a_wait = tokio::time::timeout(Duration::from_millis(50), a.recv()).await;
+        assert!(a_wait.is_err(), "a waits for the rest of its frame");
+        assert!(a.held.is_some(), "a holds permits for its frame");
+        let b_wait = tokio::time::timeout(Duration::from_millis(50), b.recv()).await;
+        assert!(b_wait.is_err());
+        assert!(b.held.is_none(), "b waits for the budget");
+        // a completes; its permits return; b can go on.
+        a_client.write_all(&frame[100..]).await.unwrap();
+        assert_eq!(a.recv().await.unwrap(), Some(big.clone()));
+        assert_eq!(budget.available_permits(), 64 * 1024);
+        b_client.write_all(&frame[100..]).await.unwrap();
+        assert_eq!(b.recv().await.unwrap(), Some(big));
+        assert!(
+            b.buffer.capacity() <= RETAINED_BUFFER_BYTES,
+            "the big buffer is let go"
+        );
+        // Small frames never touch the budget.
+        let drained = budget.acquire_many(64 * 1024).await.unwrap();
+        a_client
+            .write_all(&encode_frame(&ClientMessage::Status { id: 2 }).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            a.recv().await.unwrap(),
+            Some(ClientMessage::Status { id: 2 })
+        );
+        drop(drained);
     }
 
     #[tokio::test(start_paused = true)]

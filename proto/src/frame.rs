@@ -105,6 +105,13 @@ impl FrameDecoder {
         self.max_frame_bytes
     }
 
+    /// The payload length the frame at the front of `buf` announces, once
+    /// its length prefix is buffered (not checked against the limit).
+    pub fn announced_len(&self, buf: &[u8]) -> Option<usize> {
+        let prefix: [u8; LEN_BYTES] = buf.get(..LEN_BYTES)?.try_into().ok()?;
+        Some(u32::from_le_bytes(prefix) as usize)
+    }
+
     /// Takes one whole frame's payload off the front of `buf`, `Ok(None)` if
     /// more bytes are needed. Reserves room for the rest of a frame only after
     /// its length passed the limit check, and then only up to 64 KiB beyond

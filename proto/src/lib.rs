@@ -76,7 +76,7 @@ mod connection;
 mod frame;
 mod message;
 
-pub use connection::{Connection, HANDSHAKE_TIMEOUT, HELLO_MAX_BYTES};
+pub use connection::{Connection, FREE_FRAME_BYTES, HANDSHAKE_TIMEOUT, HELLO_MAX_BYTES};
 pub use frame::{
     decode_payload, encode_frame, put_raw_frame, FrameDecoder, DEFAULT_MAX_FRAME_BYTES,
 };

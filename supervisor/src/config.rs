@@ -100,7 +100,9 @@ pub struct Config {
     /// Most queued requests.
     pub queue_capacity: usize,
     /// Most bytes of text held by queued requests; over it, new requests get
-    /// `overloaded` (or push out the heaviest client's newest request).
+    /// `overloaded` (or push out the heaviest client's newest request). The
+    /// same amount again bounds request frames still arriving (beyond 32 KiB
+    /// each); a connection waits for room before reading more of one.
     pub max_queued_bytes: ByteSize,
     /// Most client connections open at once; more are refused with
     /// `too many connections`. Lowered at start if the descriptor limit
@@ -392,6 +394,16 @@ impl Config {
                     "{} cannot hold one largest request (max_texts x max_text_bytes = {})",
                     self.max_queued_bytes,
                     ByteSize::b(largest_request)
+                ),
+            );
+        }
+        if self.max_queued_bytes.as_u64() < self.max_frame_bytes as u64 {
+            return invalid(
+                "max_queued_bytes",
+                &format!(
+                    "{} is below max_frame_bytes ({}): a largest frame could never be read",
+                    self.max_queued_bytes,
+                    ByteSize::b(self.max_frame_bytes as u64)
                 ),
             );
         }

@@ -119,7 +119,9 @@ impl ConnectionLimits {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The counts stay consistent even if a holder panicked: every update
         // is a single step.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -111,6 +111,10 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         config.max_connections_per_uid,
     );
     let lingering = Arc::new(tokio::sync::Semaphore::new(LINGERING_REFUSALS));
+    // Validated: at least max_frame_bytes, so a largest frame can be read.
+    let read_budget = Arc::new(tokio::sync::Semaphore::new(
+        usize::try_from(config.max_queued_bytes.as_u64()).unwrap_or(usize::MAX >> 4),
+    ));
     let (cgroups, cgroup_summary) = prepare_cgroups(&config);
     let seams = pool::Seams {
         memory: Box::new(memory::ProcfsMemory::new(
@@ -164,6 +168,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                         config: config.clone(),
                         limits: Arc::clone(&limits),
                         lingering: Arc::clone(&lingering),
+                        read_budget: Arc::clone(&read_budget),
                         pool: pool_tx.clone(),
                         shutdown: shutdown.clone(),
                     };

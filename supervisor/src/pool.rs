@@ -26,10 +26,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::cgroup::{self, Cgroups, Leaf};
 use crate::config::Config;
+use crate::connections::ConnectionLimits;
 use crate::memory::MemorySource;
 use crate::notify::Notifier;
 use crate::policy::{RecyclePolicy, RestartPacer, Verdict, WorkerFacts};
-use crate::connections::ConnectionLimits;
 use crate::process::{self, KillReason, OomEvidence, RetireReason, WorkerEnd};
 use crate::queue::{FairQueue, Measure};
 use crate::request::{ClientKey, Request, Responder};
@@ -368,7 +368,14 @@ impl Pool {
             return;
         }
         let deadline = now + deadline.unwrap_or_else(|| self.config.default_deadline());
-        let request = Request::new(self.next_request_id, client, texts, now, deadline, responder);
+        let request = Request::new(
+            self.next_request_id,
+            client,
+            texts,
+            now,
+            deadline,
+            responder,
+        );
         self.next_request_id += 1;
         if !self.make_room(&request, now) {
             let error = self.overloaded();

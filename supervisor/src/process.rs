@@ -418,10 +418,7 @@ mod tests {
             .iter()
             .map(WorkerEnd::is_crash)
             .collect();
-        assert_eq!(
-            crash,
-            [false, false, true, true, true, false, false, false]
-        );
+        assert_eq!(crash, [false, false, true, true, true, false, false, false]);
     }
 
     #[test]

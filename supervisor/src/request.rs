@@ -160,7 +160,6 @@ impl Request {
             responder,
         }
     }
-
 }
 
 #[cfg(test)]

@@ -51,6 +51,9 @@ pub struct ServeContext {
     /// written and the connection closed at once, so a flood of refused
     /// connections cannot hold descriptors.
     pub lingering: Arc<tokio::sync::Semaphore>,
+    /// Shared by every connection: bytes of request frames still arriving
+    /// beyond [`inferd_proto::FREE_FRAME_BYTES`] each (`max_queued_bytes`).
+    pub read_budget: Arc<tokio::sync::Semaphore>,
     /// The pool.
     pub pool: mpsc::Sender<PoolMsg>,
     /// Cancelled when the daemon shuts down.
@@ -72,7 +75,8 @@ pub async fn serve_client(stream: UnixStream, conn_id: u64, cx: ServeContext) {
             return;
         }
     };
-    let span = info_span!("conn", conn_id, peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = ?peer.pid);
+    let span =
+        info_span!("conn", conn_id, peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = ?peer.pid);
     async move {
         let permit = match admit(&cx, peer) {
             Ok(permit) => permit,
@@ -155,11 +159,13 @@ async fn serve_peer(
 ) {
     let ServeContext {
         config,
+        read_budget,
         pool,
         shutdown,
         ..
     } = cx;
-    let mut conn = ClientConnection::new(stream, config.max_frame_bytes);
+    let mut conn =
+        ClientConnection::new(stream, config.max_frame_bytes).with_read_budget(read_budget);
     match conn.handshake("inferd").await {
         Ok(hello) => debug!(peer = %hello.software, "client connected"),
         Err(err) => {

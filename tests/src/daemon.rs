@@ -69,6 +69,9 @@ pub struct DaemonConfig {
     pub rust_log: String,
     /// Bound on [`Daemon::wait_ready`].
     pub ready_timeout: Duration,
+    /// `RLIMIT_NOFILE` (soft = hard) the daemon starts with, as systemd's
+    /// `LimitNOFILE=` sets it; `None` inherits the test process's limit.
+    pub nofile_limit: Option<u64>,
 }
 
 impl Default for DaemonConfig {
@@ -110,6 +113,7 @@ impl DaemonConfig {
             listen_socket: None,
             rust_log: "info".into(),
             ready_timeout: READY_TIMEOUT,
+            nofile_limit: None,
         }
     }
 
@@ -229,6 +233,14 @@ impl DaemonConfig {
     /// Sets the daemon's `RUST_LOG`.
     pub fn rust_log(mut self, filter: impl Into<String>) -> Self {
         self.rust_log = filter.into();
+        self
+    }
+
+    /// Starts the daemon with `RLIMIT_NOFILE` soft = hard = `limit`, e.g.
+    /// 1024 for the soft limit systemd gives every service by default (here
+    /// the hard limit too, so the daemon cannot raise it past that).
+    pub fn nofile_limit(mut self, limit: u64) -> Self {
+        self.nofile_limit = Some(limit);
         self
     }
 
@@ -413,6 +425,23 @@ impl Daemon {
             }
             None => Command::new(&inferd),
         };
+        if let Some(limit) = config.nofile_limit {
+            // Runs after any pre_exec registered above (closures run in
+            // order); the limit is inherited through the shell's exec.
+            // SAFETY: setrlimit is async-signal-safe and allocates nothing.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = command
             .arg("--config")
             .arg(&config_path)

@@ -1,6 +1,7 @@
 //! A raw socket to the daemon, for sending bytes no well-behaved client would.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -126,6 +127,46 @@ impl RawConn {
     /// Half-closes our side (the daemon sees EOF) and keeps the read side.
     pub async fn shutdown_write(&mut self) -> io::Result<()> {
         self.stream.shutdown().await
+    }
+
+    /// Bytes that have arrived and wait to be read (`FIONREAD`): tells,
+    /// without blocking, whether the daemon sent more than was read so far.
+    pub fn readable_bytes(&self) -> io::Result<usize> {
+        self.ioctl_count(libc::FIONREAD)
+    }
+
+    /// Bytes written on this connection that the daemon has not read yet
+    /// (`SIOCOUTQ`, which for a Unix socket counts what still sits in the
+    /// peer's receive queue): 0 once the daemon has consumed everything.
+    pub fn unread_by_daemon(&self) -> io::Result<usize> {
+        self.ioctl_count(libc::TIOCOUTQ)
+    }
+
+    /// True while the connection is open and nothing waits to be read (no
+    /// frame, no EOF, no reset), checked without blocking.
+    pub fn is_open_and_quiet(&self) -> io::Result<bool> {
+        let mut poll = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for an fd we own, and a zero timeout.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        if ready < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ready == 0)
+    }
+
+    fn ioctl_count(&self, request: libc::Ioctl) -> io::Result<usize> {
+        let mut count: libc::c_int = 0;
+        // SAFETY: both requests write one int through the pointer, into a
+        // local that outlives the call; the fd is ours and open.
+        let rc = unsafe { libc::ioctl(self.stream.as_raw_fd(), request, &mut count) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(count).unwrap_or(0))
     }
 
     /// The socket, for anything else.
