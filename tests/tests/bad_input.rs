@@ -311,7 +311,9 @@ async fn declared_lengths_beyond_the_frame_close_only_that_connection() {
     for claimed in [1u64 << 40, 1 << 60] {
         let mut raw = t.raw().await;
         raw.handshake().await;
-        let _ = raw.write_frame(&claiming(&[0x00, 0x01, 0x01], claimed)).await;
+        let _ = raw
+            .write_frame(&claiming(&[0x00, 0x01, 0x01], claimed))
+            .await;
         raw.expect_closed(CLOSE_BOUND).await;
     }
 
@@ -355,7 +357,10 @@ async fn refused_peer_is_told_why_before_its_frames_are_read() {
         }
         raw.expect_closed(CLOSE_BOUND).await;
     }
-    assert!(daemon.exit_status().is_none(), "the daemon is still running");
+    assert!(
+        daemon.exit_status().is_none(),
+        "the daemon is still running"
+    );
     let status_answer = daemon.try_status().await;
     assert!(
         matches!(

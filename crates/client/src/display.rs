@@ -98,7 +98,11 @@ pub fn format_status(status: &PoolStatus) -> String {
     let _ = writeln!(out, "  requests ok         {}", c.requests_ok);
     let _ = writeln!(out, "  requests failed     {}", by_kind(&c.requests_failed));
     let _ = writeln!(out, "  requests abandoned  {}", c.requests_abandoned);
-    let _ = writeln!(out, "  refused connections {}", by_kind(&c.connections_refused));
+    let _ = writeln!(
+        out,
+        "  refused connections {}",
+        by_kind(&c.connections_refused)
+    );
     let _ = writeln!(out, "  retries             {}", c.retries);
     let _ = writeln!(out, "  poison rejections   {}", c.poison_rejections);
     let _ = writeln!(out, "  workers spawned     {}", c.workers_spawned);
