@@ -85,8 +85,14 @@ where
     /// too. Bounded by [`HANDSHAKE_TIMEOUT`]; the peer's hello by
     /// [`HELLO_MAX_BYTES`].
     pub async fn handshake(&mut self, program: &str) -> Result<Hello, ProtoError> {
-        self.write_frame(&encode_frame(&Hello::new(program))?)
-            .await?;
+        // A peer that refuses us may close before our hello is out; its own
+        // hello (and why it refused) can still be read, so a failed write
+        // of ours is only reported if there is nothing to read either.
+        let sent = self.write_frame(&encode_frame(&Hello::new(program))?).await;
+        match sent {
+            Err(err) if !err.is_disconnect() => return Err(err),
+            _ => {}
+        }
         let hello_decoder = FrameDecoder::new(HELLO_MAX_BYTES);
         let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.read_payload(hello_decoder))
             .await

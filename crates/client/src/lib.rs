@@ -370,6 +370,34 @@ mod tests {
         assert!(err.to_string().contains("closed the connection"));
     }
 
+    /// A daemon over its connection cap writes its hello and the refusal
+    /// and closes at once, possibly before our hello or request is out.
+    #[tokio::test]
+    async fn refusal_is_the_error_of_the_first_request() {
+        let (_dir, path) = fake_server(|mut stream| async move {
+            let mut bytes = encode_frame(&Hello::new("fake-inferd")).unwrap();
+            bytes.extend(
+                encode_frame(&ServerMessage::Refused {
+                    error: RequestError::TooManyConnections {
+                        reason: "4096 client connections are open".into(),
+                    },
+                })
+                .unwrap(),
+            );
+            stream.write_all(&bytes).await.unwrap();
+            // Closed without reading anything the client sent.
+        });
+        let mut client = Client::connect(&path).await.unwrap();
+        let err = client.embed(vec!["x".into()], None).await.unwrap_err();
+        match &err {
+            ClientError::Request(RequestError::TooManyConnections { reason }) => {
+                assert!(reason.contains("4096"), "{reason}")
+            }
+            other => panic!("expected the refusal, got {other:?}"),
+        }
+        assert!(err.to_string().starts_with("too many connections"), "{err}");
+    }
+
     #[tokio::test]
     async fn error_frame_is_a_typed_request_error() {
         let (_dir, path) = scripted(|req| {
