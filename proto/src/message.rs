@@ -387,6 +387,12 @@ pub struct WorkerStatus {
 pub struct Counters {
     /// Requests accepted into the queue.
     pub requests_accepted: u64,
+    /// Embed requests answered with an error at once, never queued (bad
+    /// request, overloaded, unavailable, shutting down); each is also in
+    /// `requests_failed` under its kind. Once nothing is queued or running,
+    /// `requests_accepted + requests_rejected == requests_ok +
+    /// sum(requests_failed) + requests_abandoned`.
+    pub requests_rejected: u64,
     /// Requests answered with embeddings.
     pub requests_ok: u64,
     /// Failed requests by [`RequestError::kind`].

@@ -43,6 +43,7 @@
 //! | `inferd_requests_accepted_total` | | embed requests accepted into the queue |
 //! | `inferd_requests_ok_total` | | requests answered with embeddings |
 //! | `inferd_requests_failed_total` | `kind` | requests answered with an error, per error kind: `bad_request`, `overloaded`, `timeout`, `worker_lost`, `shutting_down`, `unavailable`, `permission_denied`, `internal`, each always present; any other kind the pool counts appears too |
+//! | `inferd_requests_rejected_total` | | embed requests answered with an error at once, never queued (also in `inferd_requests_failed_total` under their kind); `accepted + rejected = ok + failed + abandoned` once nothing is queued or running |
 //! | `inferd_requests_abandoned_total` | | queued requests dropped unrun because their client disconnected |
 //! | `inferd_connections_refused_total` | `reason` | client connections refused, per reason: `max_connections`, `max_connections_per_uid`, `permission_denied`, each always present |
 //! | `inferd_request_retries_total` | | in-flight requests re-dispatched after their worker died |
@@ -267,6 +268,13 @@ impl Display for Exposition<'_> {
             "kind",
             &FAILURE_KINDS,
             counted(&counters.requests_failed),
+        )?;
+        scalar(
+            f,
+            "inferd_requests_rejected_total",
+            Counter,
+            "Embed requests answered with an error at once, never queued.",
+            counters.requests_rejected,
         )?;
         scalar(
             f,
@@ -573,6 +581,7 @@ mod tests {
                     (ODD_KIND, 4),
                 ]),
                 requests_abandoned: 5,
+                requests_rejected: 8,
                 connections_refused: map(&[("max_connections_per_uid", 6)]),
                 retries: 2,
                 poison_rejections: 1,
@@ -687,6 +696,7 @@ mod tests {
             "inferd_requests_accepted_total",
             "inferd_requests_ok_total",
             "inferd_requests_failed_total",
+            "inferd_requests_rejected_total",
             "inferd_requests_abandoned_total",
             "inferd_connections_refused_total",
             "inferd_request_retries_total",
@@ -738,6 +748,7 @@ mod tests {
         assert_eq!(v(failed, &[("kind", "overloaded")]), 2.0);
         assert_eq!(v(failed, &[("kind", "internal")]), 1.0);
         assert_eq!(v("inferd_requests_abandoned_total", &[]), 5.0);
+        assert_eq!(v("inferd_requests_rejected_total", &[]), 8.0);
         let refused = "inferd_connections_refused_total";
         assert_eq!(v(refused, &[("reason", "max_connections_per_uid")]), 6.0);
         assert_eq!(v(refused, &[("reason", "max_connections")]), 0.0);

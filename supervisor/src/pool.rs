@@ -63,6 +63,10 @@ pub enum PoolMsg {
         deadline: Option<Duration>,
         /// Where the answer goes.
         responder: Responder,
+        /// One of the connection's few places in the channel to the pool,
+        /// given back when the pool takes the request (see
+        /// [`crate::server`]).
+        ticket: tokio::sync::OwnedSemaphorePermit,
     },
     /// Report status.
     Status {
@@ -264,7 +268,11 @@ impl Pool {
                 texts,
                 deadline,
                 responder,
-            } => self.accept(client, texts, deadline, responder, now),
+                ticket,
+            } => {
+                drop(ticket);
+                self.accept(client, texts, deadline, responder, now)
+            }
             PoolMsg::Disconnected { conn } => {
                 for request in self.queue.remove_connection(conn) {
                     self.abandon(request);
@@ -363,6 +371,7 @@ impl Pool {
                 .map(|reason| RequestError::Unavailable { reason })
         };
         if let Some(error) = rejection {
+            self.counters.requests_rejected += 1;
             self.count_failure(&error);
             responder.embed(Err(error));
             return;
@@ -378,6 +387,7 @@ impl Pool {
         );
         self.next_request_id += 1;
         if !self.make_room(&request, now) {
+            self.counters.requests_rejected += 1;
             let error = self.overloaded();
             self.count_failure(&error);
             request.responder.embed(Err(error));

@@ -3,9 +3,9 @@
 //! Every accepted embed request waits here until a worker is free. Requests
 //! are kept in one FIFO *lane* per client connection; lanes are grouped by
 //! the connection's uid. Dispatch takes turns: the next uid in rotation, then
-//! the next connection of that uid, one request each. So a client that floods
-//! the daemon delays another client by at most one request per worker ahead
-//! of it, not by the whole queue, and a user cannot buy a larger share by
+//! the next connection of that uid, one request each; a client whose lane was
+//! empty takes the next turn. So a client that floods the daemon delays
+//! another client by about one request per worker, not by the whole queue, and a user cannot buy a larger share by
 //! opening more connections than another user (fairness is per uid first,
 //! then per connection within a uid, because several services often share
 //! one uid and must not starve each other either).
@@ -242,12 +242,17 @@ impl FairQueue {
         Some(victim)
     }
 
+    /// A lane that was empty gets the next turn, ahead of lanes that stayed
+    /// busy (sparse flows first, as fq_codel does): a client sending one
+    /// request at a time waits for the next free worker, not for a turn
+    /// behind every flooder. A lane stays newly active only until served, so
+    /// a busy client gains nothing from it.
     fn activate(&mut self, uid: u32, conn: u64) {
         let ring = self.rings.entry(uid).or_default();
         if ring.is_empty() {
-            self.turns.push_back(uid);
+            self.turns.push_front(uid);
         }
-        ring.push_back(conn);
+        ring.push_front(conn);
     }
 
     fn deactivate(&mut self, uid: u32, conn: u64) {
@@ -304,7 +309,8 @@ mod tests {
         queue.push(request(10, 0, 2, "polite"));
         queue.push(request(11, 0, 2, "polite"));
         assert_eq!(queue.len(), 7);
-        assert_eq!(drain(&mut queue), [1, 10, 2, 11, 3, 4, 5]);
+        // The newly active connection goes first, then they alternate.
+        assert_eq!(drain(&mut queue), [10, 1, 11, 2, 3, 4, 5]);
         assert!(queue.is_empty());
         assert_eq!(queue.bytes(), 0);
     }
@@ -320,9 +326,25 @@ mod tests {
         }
         queue.push(request(100, 2, 9, "b"));
         queue.push(request(101, 2, 9, "b"));
-        let order = drain(&mut queue);
-        assert_eq!(&order[..4], [10, 100, 20, 101], "{order:?}");
-        assert_eq!(order.len(), 8);
+        // Uids alternate while both have work; within uid 1 its connections
+        // take turns (the latest to become active first).
+        assert_eq!(drain(&mut queue), [100, 30, 101, 20, 10, 31, 21, 11]);
+    }
+
+    #[test]
+    fn a_client_sending_one_at_a_time_goes_ahead_of_a_flood() {
+        let mut queue = FairQueue::new();
+        for id in 1..=50 {
+            queue.push(request(id, 0, 1, "flood"));
+        }
+        assert_eq!(queue.pop().map(|r| r.id), Some(1));
+        queue.push(request(100, 0, 2, "polite"));
+        assert_eq!(queue.pop().map(|r| r.id), Some(100));
+        assert_eq!(queue.pop().map(|r| r.id), Some(2));
+        queue.push(request(101, 0, 2, "polite"));
+        assert_eq!(queue.pop().map(|r| r.id), Some(101));
+        // The flooder never counts as newly active: its lane never empties.
+        assert_eq!(drain(&mut queue)[..2], [3, 4]);
     }
 
     #[test]

@@ -36,6 +36,12 @@ use crate::request::{ClientKey, Responder};
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// Bytes read (and discarded) from a refused peer while lingering.
 const REFUSAL_READ_LIMIT: usize = 4096;
+/// Embed requests of one connection on their way to the pool at once. The
+/// channel to the pool is first come, first served; without this cap a
+/// flooding connection could fill it whenever the pool falls behind, and
+/// others' requests would wait behind its messages before the fair queue
+/// ever saw them. Past the cap the connection stops reading (backpressure).
+const IN_TRANSIT_PER_CONNECTION: usize = 4;
 
 /// The supervisor's end of a client connection.
 type ClientConnection = Connection<UnixStream, ServerMessage, ClientMessage>;
@@ -178,6 +184,7 @@ async fn serve_peer(
         conn: conn_id,
     };
     let (answers_tx, mut answers) = mpsc::unbounded_channel::<ServerMessage>();
+    let in_transit = Arc::new(tokio::sync::Semaphore::new(IN_TRANSIT_PER_CONNECTION));
     let mut outstanding: usize = 0;
     let mut reading = true;
     loop {
@@ -193,7 +200,7 @@ async fn serve_peer(
                             continue;
                         }
                     }
-                    submit(message, client, responder, &pool, &shutdown).await;
+                    submit(message, client, responder, &in_transit, &pool, &shutdown).await;
                 }
                 Ok(None) if peer_gone(conn.get_ref()) => {
                     debug!(outstanding, "client gone; dropping its queued requests");
@@ -243,6 +250,7 @@ async fn submit(
     message: ClientMessage,
     client: ClientKey,
     responder: Responder,
+    in_transit: &Arc<tokio::sync::Semaphore>,
     pool: &mpsc::Sender<PoolMsg>,
     shutdown: &CancellationToken,
 ) {
@@ -254,7 +262,13 @@ async fn submit(
                 responder.fail(RequestError::ShuttingDown);
                 return;
             }
+            let Ok(ticket) = Arc::clone(in_transit).acquire_owned().await else {
+                // Never closed; answered rather than dropped all the same.
+                responder.fail(RequestError::ShuttingDown);
+                return;
+            };
             PoolMsg::Embed {
+                ticket,
                 client,
                 texts: Arc::from(texts),
                 deadline: deadline_ms.map(Duration::from_millis),

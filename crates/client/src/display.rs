@@ -97,6 +97,7 @@ pub fn format_status(status: &PoolStatus) -> String {
     let _ = writeln!(out, "  requests accepted   {}", c.requests_accepted);
     let _ = writeln!(out, "  requests ok         {}", c.requests_ok);
     let _ = writeln!(out, "  requests failed     {}", by_kind(&c.requests_failed));
+    let _ = writeln!(out, "  requests rejected   {}", c.requests_rejected);
     let _ = writeln!(out, "  requests abandoned  {}", c.requests_abandoned);
     let _ = writeln!(
         out,
