@@ -23,7 +23,8 @@
 //!    pads everything to 128) and sets truncation to
 //!    [`EngineConfig::max_seq_len`] (the shipped file truncates at 128).
 //!
-//! [`Engine::embed`] then tokenizes the texts, pads them by hand to the
+//! [`Engine::embed`] then tokenizes the texts ([`Engine::tokenize`]: only as
+//! much of each text as can survive truncation), pads them by hand to the
 //! longest text of the batch, feeds whichever of `input_ids`,
 //! `attention_mask` and `token_type_ids` the model declares, and mean-pools
 //! the token embeddings over the real (unpadded) tokens, then L2-normalises
@@ -37,10 +38,12 @@
 #![warn(missing_docs, clippy::unwrap_used)]
 
 pub mod rewrite;
+mod tokenize;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use tokenize::BoundedEncoder;
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
 use tract_onnx::prelude::multithread::Executor;
 use tract_onnx::prelude::tract_data::internal::DimLike;
@@ -71,11 +74,18 @@ pub struct EngineConfig {
     /// Off only to measure what it saves; it is a no-op on models without the
     /// pattern.
     pub gather_before_dequantize: bool,
+    /// Tokenize only as much of a long text as can survive truncation
+    /// ([`Engine::tokenize`]); the result is the same as tokenizing it
+    /// whole. Applies to BERT-style tokenizers (`BertNormalizer` and
+    /// `BertPreTokenizer`, as the MiniLM models ship); others are always
+    /// tokenized whole. Off only to compare with, or to measure what it
+    /// saves.
+    pub bounded_tokenization: bool,
 }
 
 impl EngineConfig {
     /// A config with the defaults: truncation at [`DEFAULT_MAX_SEQ_LEN`],
-    /// normalisation and the gather rewrite on.
+    /// normalisation, the gather rewrite and bounded tokenization on.
     pub fn new(model_path: impl Into<PathBuf>, tokenizer_path: impl Into<PathBuf>) -> EngineConfig {
         EngineConfig {
             model_path: model_path.into(),
@@ -83,6 +93,7 @@ impl EngineConfig {
             max_seq_len: DEFAULT_MAX_SEQ_LEN,
             normalize: true,
             gather_before_dequantize: true,
+            bounded_tokenization: true,
         }
     }
 
@@ -227,6 +238,9 @@ struct ModelInput {
 pub struct Engine {
     /// Truncation at `max_seq_len`, padding off: the engine pads per batch.
     tokenizer: Tokenizer,
+    /// Tokenizes long texts in part; `None` when turned off or when the
+    /// tokenizer's pipeline is not one it is known to be exact for.
+    bounded: Option<BoundedEncoder>,
     /// The single optimized plan, symbolic in batch and sequence length.
     plan: Arc<TypedRunnableModel>,
     /// The plan's inputs, in order.
@@ -353,6 +367,10 @@ impl Engine {
             .map_err(|e| EngineError::OptimizeModel(e.into()))?;
 
         let tokenizer = load_tokenizer(&config.tokenizer_path, config.max_seq_len)?;
+        let bounded = config
+            .bounded_tokenization
+            .then(|| BoundedEncoder::new(&tokenizer, config.max_seq_len))
+            .flatten();
 
         tracing::info!(
             model = %model_name,
@@ -360,11 +378,13 @@ impl Engine {
             inputs = ?input_names,
             gather_rewrites = rewritten,
             max_seq_len = config.max_seq_len,
+            bounded_tokenization = bounded.is_some(),
             load_ms = started.elapsed().as_millis() as u64,
             "embedding model loaded"
         );
         Ok(Engine {
             tokenizer,
+            bounded,
             plan,
             inputs,
             dims,
@@ -381,9 +401,8 @@ impl Engine {
         }
         let encodings = texts
             .iter()
-            .map(|t| self.tokenizer.encode(t.as_str(), true))
-            .collect::<Result<Vec<Encoding>, _>>()
-            .map_err(EngineError::Tokenize)?;
+            .map(|t| self.tokenize(t))
+            .collect::<Result<Vec<Encoding>, _>>()?;
 
         let batch = encodings.len();
         // At least one position, so a tokenizer that yields no token for an
@@ -450,6 +469,21 @@ impl Engine {
         })
     }
 
+    /// Tokenizes `text` as [`Engine::embed`] does: special tokens added,
+    /// truncated at `max_seq_len` tokens, not padded. Ids, type ids,
+    /// attention mask and length are those of tokenizing the whole text, and
+    /// the text was truncated iff `get_overflowing()` is not empty; what the
+    /// overflow holds is unspecified, since only as much of a long text is
+    /// tokenized as can survive truncation
+    /// ([`EngineConfig::bounded_tokenization`]).
+    pub fn tokenize(&self, text: &str) -> Result<Encoding, EngineError> {
+        match &self.bounded {
+            Some(bounded) => bounded.encode(&self.tokenizer, text),
+            None => self.tokenizer.encode(text, true),
+        }
+        .map_err(EngineError::Tokenize)
+    }
+
     /// Length of the embedding vectors (384 for the MiniLM models).
     pub fn dims(&self) -> usize {
         self.dims
@@ -508,6 +542,7 @@ impl std::fmt::Debug for Engine {
             .field("dims", &self.dims)
             .field("inputs", &self.inputs)
             .field("normalize", &self.normalize)
+            .field("bounded_tokenization", &self.bounded.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -541,6 +576,8 @@ fn load_tokenizer(path: &Path, max_seq_len: usize) -> Result<Tokenizer, EngineEr
     // is padded to its own longest text instead), and the model is good for
     // 256 tokens.
     tokenizer.with_padding(None);
+    // The default direction (cut from the right) is what lets
+    // `BoundedEncoder` tokenize a prefix only.
     tokenizer
         .with_truncation(Some(TruncationParams {
             max_length: max_seq_len,

@@ -105,6 +105,21 @@ pub fn reference(model: &str) -> Reference {
     r
 }
 
+/// `n` words of English prose, cycling through a fixed paragraph (~5 bytes
+/// per token).
+pub fn prose(n: usize) -> String {
+    const PROSE: &str = "The supervisor keeps a small pool of worker processes, each of \
+        which loads the embedding model once and then answers requests one at a time. \
+        When a worker grows past its memory limit (measured in MiB), a replacement is \
+        started; naïve Ünïcödé, Straße and Σίσυφος are handled too.";
+    PROSE
+        .split(' ')
+        .cycle()
+        .take(n)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "vector lengths differ");
     a.iter()
