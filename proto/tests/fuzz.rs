@@ -308,6 +308,7 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
         }),
         counters: Counters {
             requests_accepted: rng.int(),
+            requests_rejected: rng.int(),
             requests_ok: rng.int(),
             requests_failed: rng.map(),
             retries: rng.int(),
