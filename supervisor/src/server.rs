@@ -7,9 +7,8 @@
 //! checked against the connection caps ([`ConnectionLimits`]) and the access
 //! policy. A refused peer gets the supervisor's hello and a
 //! [`ServerMessage::Refused`] frame saying why, and the connection closes;
-//! the hello it sends is read with the small pre-authentication limit
-//! ([`inferd_proto::HELLO_MAX_BYTES`]), so nothing large is buffered for a
-//! peer nobody has checked. When the client goes away (closes or resets
+//! nothing it sends is decoded. An admitted peer's hello is read with the
+//! small pre-authentication limit ([`inferd_proto::HELLO_MAX_BYTES`]). When the client goes away (closes or resets
 //! its socket, as opposed to only shutting down its writing side), the pool
 //! is told at once and drops its queued requests unrun.
 
