@@ -1,7 +1,8 @@
 //! The inferd supervisor daemon.
 //!
 //! [`run`] wires the parts together: the client socket ([`listener`]), one
-//! task per client connection ([`server`]), and the pool task ([`pool`]) that
+//! task per client connection ([`server`], or [`http`] for a connection
+//! that speaks HTTP), and the pool task ([`pool`]) that
 //! owns the workers ([`worker`], [`process`]). SIGTERM and SIGINT are events
 //! in the main `select!`: they stop the accept loop and cancel one token that
 //! every task watches; the pool then drains and stops its workers, and the
@@ -13,6 +14,7 @@ pub mod cgroup;
 pub mod config;
 pub mod connections;
 pub mod fdlimit;
+pub mod http;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
@@ -132,6 +134,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         shutdown.clone(),
     ));
     let connection_tasks = TaskTracker::new();
+    let http_shared = Arc::new(http::HttpShared::new(Arc::clone(&read_budget)));
     if let Some(addr) = config.metrics_listen {
         let listener = metrics_http::bind(addr)
             .await
@@ -171,6 +174,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                         read_budget: Arc::clone(&read_budget),
                         pool: pool_tx.clone(),
                         shutdown: shutdown.clone(),
+                        http: Arc::clone(&http_shared),
                     };
                     connection_tasks.spawn(server::serve_client(stream, next_conn_id, cx));
                 }

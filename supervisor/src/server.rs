@@ -11,6 +11,11 @@
 //! small pre-authentication limit ([`inferd_proto::HELLO_MAX_BYTES`]). When the client goes away (closes or resets
 //! its socket, as opposed to only shutting down its writing side), the pool
 //! is told at once and drops its queued requests unrun.
+//!
+//! The same socket serves HTTP: after admission, the connection's first
+//! bytes are peeked at (bounded by the handshake timeout) and an HTTP
+//! client is handed to [`crate::http`]; a native one continues here with
+//! its bytes untouched.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -26,6 +31,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::access::Peer;
 use crate::config::Config;
 use crate::connections::{ConnectionLimits, ConnectionPermit, REFUSED_PERMISSION};
+use crate::http::{self, HttpShared, Protocol};
 use crate::pool::PoolMsg;
 use crate::request::{ClientKey, Responder};
 
@@ -63,6 +69,8 @@ pub struct ServeContext {
     pub pool: mpsc::Sender<PoolMsg>,
     /// Cancelled when the daemon shuts down.
     pub shutdown: CancellationToken,
+    /// State shared by the HTTP connections.
+    pub http: Arc<HttpShared>,
 }
 
 /// Serves one client, numbered `conn_id`, until it disconnects, sends a bad
@@ -90,7 +98,30 @@ pub async fn serve_client(stream: UnixStream, conn_id: u64, cx: ServeContext) {
                 return;
             }
         };
-        serve_peer(stream, peer, conn_id, permit, cx).await;
+        let sniff = tokio::time::timeout(inferd_proto::HANDSHAKE_TIMEOUT, http::sniff(&stream));
+        let sniffed = tokio::select! {
+            sniffed = sniff => sniffed,
+            // Nothing of this client's is in the pool yet: nothing to finish.
+            _ = cx.shutdown.cancelled() => {
+                debug!("shutting down before the client's first bytes; closing");
+                return;
+            }
+        };
+        match sniffed {
+            Ok(Ok(Protocol::Native)) => serve_peer(stream, peer, conn_id, permit, cx).await,
+            Ok(Ok(Protocol::Http)) => {
+                let http_cx = http::HttpContext {
+                    config: cx.config,
+                    pool: cx.pool,
+                    shutdown: cx.shutdown,
+                    shared: cx.http,
+                    in_transit: IN_TRANSIT_PER_CONNECTION,
+                };
+                http::serve(stream, peer, conn_id, permit, http_cx).await;
+            }
+            Ok(Err(err)) => info!(error = %err, "cannot read from the client; closing"),
+            Err(_) => info!("client sent nothing within the handshake timeout; closing"),
+        }
     }
     .instrument(span)
     .await;

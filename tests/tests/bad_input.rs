@@ -71,10 +71,24 @@ fn embed_frame(texts: Vec<String>) -> Vec<u8> {
 async fn garbage_bytes_close_the_connection() {
     let t = Scenario::start().await;
 
-    // An HTTP request: "GET " read as a length is ~540 MB, over the limit.
+    // Capitals that are not an HTTP method: the third byte is 0, so this is
+    // a native length prefix (~16 MiB), over the hello's limit.
     let mut raw = t.raw().await;
-    let _ = raw.write(b"GET / HTTP/1.1\r\nHost: inferd\r\n\r\n").await;
+    let _ = raw.write(b"GE\x00\x01 / HTTP/1.1\r\n\r\n").await;
     raw.expect_closed(CLOSE_BOUND).await;
+
+    // A real HTTP request is served as HTTP (tests/tests/http.rs), and a
+    // connection that sends one `Connection: close` request is closed.
+    let mut raw = t.raw().await;
+    let _ = raw
+        .write(b"GET / HTTP/1.1\r\nHost: inferd\r\nConnection: close\r\n\r\n")
+        .await;
+    let answer = raw.expect_closed(CLOSE_BOUND).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 404 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
 
     // A complete frame whose payload is not a hello.
     let mut raw = t.raw().await;

@@ -1148,3 +1148,93 @@ async fn frames_still_arriving_share_one_budget() {
         sender.abort();
     }
 }
+
+/// The same through the HTTP door: request bodies beyond 32 KiB draw on the
+/// same budget before they are read, so stalled large bodies cannot hold
+/// more than it either.
+#[tokio::test]
+async fn http_bodies_still_arriving_share_the_same_budget() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start(
+        DaemonConfig::new().set("max_queued_bytes", format!("{}MiB", FRAME_BUDGET / MIB)),
+    )
+    .await;
+    let pid = daemon.pid();
+    let mut watcher = daemon.client().await;
+    watcher
+        .embed(vec!["warm up".into()], None)
+        .await
+        .expect("served");
+    let rss_before = proc_status_bytes(pid, "VmRSS");
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let chunk = vec![b'a'; 256 * 1024];
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            let socket = daemon.socket_path().to_path_buf();
+            let written = Arc::clone(&written);
+            let chunk = chunk.clone();
+            tokio::spawn(async move {
+                let mut stream = UnixStream::connect(&socket).await.expect("connect");
+                let head = format!(
+                    "POST /v1/embeddings HTTP/1.1\r\nHost: inferd\r\n\
+                     Content-Type: application/json\r\nContent-Length: {ANNOUNCED}\r\n\r\n"
+                );
+                stream.write_all(head.as_bytes()).await.expect("headers");
+                let mut sent = 0;
+                while sent < SENT_PER_SENDER {
+                    stream
+                        .write_all(&chunk)
+                        .await
+                        .expect("write part of the body");
+                    sent += chunk.len();
+                    written.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                }
+                stream
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let now = written.load(std::sync::atomic::Ordering::SeqCst);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the senders never settled");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    let total = written.load(std::sync::atomic::Ordering::SeqCst);
+    let rss_after = proc_status_bytes(pid, "VmRSS");
+    let growth = rss_after.saturating_sub(rss_before);
+    // hyper's own read buffer per connection is bounded too (~400 KiB).
+    let bound = 2 * FRAME_BUDGET + SENDERS as u64 * 512 * KIB + 16 * MIB;
+    eprintln!(
+        "{SENDERS} HTTP connections sent {} of 16 MiB bodies in all with a {} budget: \
+         supervisor VmRSS {} -> {} (+{}; bound {})",
+        mib(total),
+        mib(FRAME_BUDGET),
+        mib(rss_before),
+        mib(rss_after),
+        mib(growth),
+        mib(bound)
+    );
+    assert!(
+        total < (SENDERS * SENT_PER_SENDER) as u64,
+        "every sender got its whole body in: the budget did not hold anyone back"
+    );
+    assert!(
+        growth <= bound,
+        "the supervisor holds {} of partial HTTP bodies (bound {})",
+        mib(growth),
+        mib(bound)
+    );
+    watcher
+        .embed(vec!["small requests need no budget".into()], None)
+        .await
+        .expect("a native client is served while the budget is taken");
+    for sender in senders {
+        sender.abort();
+    }
+}
