@@ -1052,6 +1052,23 @@ async fn announced_frames_and_a_full_queue_stay_within_memory_bounds() {
 
 // ------------------------------------ 4. frames still arriving share a budget
 
+/// Waits until the senders' byte count stops growing for a second (bounded
+/// by 60 s): the daemon has taken all it will take. Returns the count.
+async fn wait_settled(written: &std::sync::atomic::AtomicU64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let now = written.load(std::sync::atomic::Ordering::SeqCst);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_secs(1) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the senders never settled");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
 /// Connections each sending most of a largest frame.
 const SENDERS: usize = 24;
 /// What each sends of its 16 MiB frame before stopping.
@@ -1100,20 +1117,7 @@ async fn frames_still_arriving_share_one_budget() {
             })
         })
         .collect();
-    // Settled: nothing more written for a second (bounded by 60 s).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = (u64::MAX, Instant::now());
-    loop {
-        let now = written.load(std::sync::atomic::Ordering::SeqCst);
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if last.1.elapsed() >= Duration::from_secs(1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the senders never settled");
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-    let total = written.load(std::sync::atomic::Ordering::SeqCst);
+    let total = wait_settled(&written).await;
     let rss_after = proc_status_bytes(pid, "VmRSS");
     let growth = rss_after.saturating_sub(rss_before);
     // Frames within the budget may sit in buffers up to twice their size;
@@ -1193,19 +1197,7 @@ async fn http_bodies_still_arriving_share_the_same_budget() {
             })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = (u64::MAX, Instant::now());
-    loop {
-        let now = written.load(std::sync::atomic::Ordering::SeqCst);
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if last.1.elapsed() >= Duration::from_secs(1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the senders never settled");
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-    let total = written.load(std::sync::atomic::Ordering::SeqCst);
+    let total = wait_settled(&written).await;
     let rss_after = proc_status_bytes(pid, "VmRSS");
     let growth = rss_after.saturating_sub(rss_before);
     // hyper's own read buffer per connection is bounded too (~400 KiB).
