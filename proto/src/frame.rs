@@ -332,6 +332,7 @@ mod tests {
                 truncated: vec![false; MAX_TEXTS_PER_REQUEST],
                 token_counts: vec![7; MAX_TEXTS_PER_REQUEST],
             },
+            timing: crate::Timing::default(),
         };
         let frame = encode_frame(&result).unwrap();
         assert_eq!(

@@ -98,6 +98,8 @@ pub enum ServerMessage {
         id: u64,
         /// The result.
         result: EmbedResult,
+        /// Where the request's time went.
+        timing: Timing,
     },
     /// Answer to [`ClientMessage::Status`].
     Status {
@@ -150,6 +152,17 @@ impl ServerMessage {
             Self::Refused { .. } => None,
         }
     }
+}
+
+/// Where an answered request's time went, as the supervisor measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Timing {
+    /// From arrival until the worker that answered was handed the request:
+    /// waiting in the queue, and any attempts on workers that died.
+    pub queue_us: u64,
+    /// On the worker that answered, from dispatch to its answer:
+    /// tokenization and the model run (plus the local socket round trip).
+    pub inference_us: u64,
 }
 
 /// Embeddings for one request.
@@ -536,6 +549,10 @@ mod tests {
                 embeddings: vec![vec![0.5, -0.25]],
                 truncated: vec![true],
                 token_counts: vec![256],
+            },
+            timing: Timing {
+                queue_us: 12,
+                inference_us: 3400,
             },
         });
         round_trip(WorkerCommand::Start(WorkerConfig {

@@ -32,7 +32,7 @@ use bytes::BytesMut;
 use inferd_proto::{
     decode_payload, encode_frame, ChaosOptions, ClientMessage, Counters, EmbedResult, ExitRecord,
     FrameDecoder, Hello, PoolStatus, ProtoError, RequestError, RequestLimits, ServerMessage,
-    WorkerCommand, WorkerConfig, WorkerEvent, WorkerStatus, MAX_TEXTS_PER_REQUEST,
+    Timing, WorkerCommand, WorkerConfig, WorkerEvent, WorkerStatus, MAX_TEXTS_PER_REQUEST,
 };
 use serde::de::DeserializeOwned;
 
@@ -361,6 +361,10 @@ fn valid_payload(rng: &mut Rng, kind: Kind) -> Vec<u8> {
             0 => ServerMessage::Embeddings {
                 id: rng.int(),
                 result: embed_result(rng),
+                timing: Timing {
+                    queue_us: rng.int(),
+                    inference_us: rng.int(),
+                },
             },
             1 => ServerMessage::Status {
                 id: rng.int(),
@@ -921,6 +925,7 @@ fn worst_cases() -> Vec<Case> {
             payload_of(&ServerMessage::Embeddings {
                 id: 0,
                 result: empty_vectors(count),
+                timing: Timing::default(),
             }),
         );
         texts[count - 1] = MARKER.into();
@@ -980,6 +985,7 @@ fn worst_cases() -> Vec<Case> {
                 embeddings: vec![vec![0.5; count]],
                 ..empty_vectors(0)
             },
+            timing: Timing::default(),
         };
         valid(
             format!("server, one vector of {count} floats"),

@@ -11,6 +11,7 @@ use inferd_proto::{ChaosOptions, RequestLimits, DEFAULT_MAX_FRAME_BYTES, MAX_TEX
 use serde::{Deserialize, Serialize};
 
 use crate::access::AccessPolicy;
+use crate::http::auth::ApiKeys;
 
 /// Smallest accepted memory limit: a loaded worker needs far more.
 const MIN_MEMORY_LIMIT: ByteSize = ByteSize::mib(16);
@@ -156,6 +157,18 @@ pub struct Config {
     /// Serve Prometheus metrics over HTTP on this loopback address
     /// ("127.0.0.1:9464"); unset: only `inferctl metrics`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the HTTP API on this TCP address too ("127.0.0.1:8080"); unset:
+    /// only on the Unix socket. A non-loopback address needs `api_keys_file`.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// API keys for the TCP listener, one per line (re-read on SIGHUP);
+    /// unset: TCP clients need no key (only allowed on loopback).
+    pub api_keys_file: Option<PathBuf>,
+    /// Other model names `/v1/embeddings` accepts for the served model
+    /// (e.g. "text-embedding-3-small", for clients that hard-code one).
+    pub model_aliases: Vec<String>,
+    /// The keys read from `api_keys_file` (not a TOML key).
+    #[serde(skip)]
+    pub api_keys: ApiKeys,
     /// Who may connect, and who may run control operations.
     pub access: AccessPolicy,
     /// Test-only worker behaviours; never enable in production.
@@ -223,6 +236,10 @@ impl Default for Config {
             max_restarts: 5,
             restart_period_secs: 60,
             metrics_listen: None,
+            http_listen: None,
+            api_keys_file: None,
+            model_aliases: Vec::new(),
+            api_keys: ApiKeys::default(),
             access: AccessPolicy::default(),
             chaos: ChaosOptions::default(),
         }
@@ -345,6 +362,12 @@ impl Config {
             let exe = std::env::current_exe().map_err(ConfigError::LocateExecutable)?;
             self.worker_binary = exe.with_file_name("inferd-worker");
         }
+        if let Some(path) = &self.api_keys_file {
+            self.api_keys = ApiKeys::load(path).map_err(|reason| ConfigError::Invalid {
+                key: "api_keys_file",
+                reason,
+            })?;
+        }
         Ok(())
     }
 
@@ -456,6 +479,24 @@ impl Config {
                 "metrics_listen",
                 "must be a loopback address (127.0.0.1 or ::1); metrics are not access-controlled",
             );
+        }
+        if let Some(addr) = self.http_listen {
+            if !addr.ip().is_loopback() && self.api_keys_file.is_none() {
+                return invalid(
+                    "http_listen",
+                    &format!(
+                        "{addr} is not a loopback address: set api_keys_file so that \
+                         clients on the network need a key (and put a TLS proxy in front)"
+                    ),
+                );
+            }
+        }
+        if self
+            .model_aliases
+            .iter()
+            .any(|alias| alias.trim().is_empty())
+        {
+            return invalid("model_aliases", "an alias cannot be empty");
         }
         if self.max_concurrent_recycles == 0 {
             return invalid("max_concurrent_recycles", "must be at least 1");
@@ -609,6 +650,9 @@ mod tests {
             cgroup_parent: Some("/x".into()),
             socket_group: Some("inferd".into()),
             metrics_listen: Some("127.0.0.1:9464".parse().expect("address")),
+            http_listen: Some("127.0.0.1:8080".parse().expect("address")),
+            api_keys_file: Some("/etc/inferd/api-keys".into()),
+            model_aliases: vec!["text-embedding-3-small".into()],
             ..Config::default()
         };
         let keys = toml::Table::try_from(&full).expect("config serialises");
@@ -638,6 +682,15 @@ mod tests {
                 "request_timeout_ms",
             ),
             ("workers = 1\n", "model"),
+            (
+                "model = \"/m\"\nhttp_listen = \"0.0.0.0:8080\"\n",
+                "http_listen",
+            ),
+            (
+                "model = \"/m\"\napi_keys_file = \"/nonexistent/keys\"\n",
+                "api_keys_file",
+            ),
+            ("model = \"/m\"\nmodel_aliases = [\"\"]\n", "model_aliases"),
         ] {
             match load_toml(text, Args::default()) {
                 Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key, "{text}"),

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use inferd_proto::RequestError;
 
+use crate::request::Tenant;
+
 /// Refusal reasons, as counted in `connections_refused`.
 pub const REFUSED_TOTAL: &str = "max_connections";
 /// A uid over its own cap.
@@ -25,8 +27,8 @@ pub const REFUSED_PERMISSION: &str = "permission_denied";
 pub struct ConnectionLimits {
     /// Most connections open at once.
     max: u32,
-    /// Most connections of one uid open at once.
-    per_uid: u32,
+    /// Most connections of one tenant open at once.
+    per_tenant: u32,
     /// Counts, shared by the accept loop, the connection tasks (through
     /// their permits) and the pool (for status).
     state: Mutex<State>,
@@ -36,8 +38,8 @@ pub struct ConnectionLimits {
 struct State {
     /// Connections holding a permit.
     open: u32,
-    /// The same, per uid (entries at 0 are removed).
-    by_uid: HashMap<u32, u32>,
+    /// The same, per tenant (entries at 0 are removed).
+    by_tenant: HashMap<Tenant, u32>,
     /// Refused connections by reason.
     refused: BTreeMap<String, u64>,
 }
@@ -48,23 +50,24 @@ pub struct ConnectionPermit {
     /// Where to give the place back.
     limits: Arc<ConnectionLimits>,
     /// Whose place it is.
-    uid: u32,
+    tenant: Tenant,
 }
 
 impl ConnectionLimits {
-    /// Caps of `max` connections overall and `per_uid` per uid.
-    pub fn new(max: u32, per_uid: u32) -> Arc<Self> {
+    /// Caps of `max` connections overall and `per_tenant` per tenant
+    /// (`max_connections_per_uid`).
+    pub fn new(max: u32, per_tenant: u32) -> Arc<Self> {
         Arc::new(Self {
             max,
-            per_uid,
+            per_tenant,
             state: Mutex::new(State::default()),
         })
     }
 
-    /// A place for a connection of `uid`, or the refusal to send it.
-    pub fn try_admit(self: &Arc<Self>, uid: u32) -> Result<ConnectionPermit, RequestError> {
+    /// A place for a connection of `tenant`, or the refusal to send it.
+    pub fn try_admit(self: &Arc<Self>, tenant: Tenant) -> Result<ConnectionPermit, RequestError> {
         let mut state = self.lock();
-        let of_uid = state.by_uid.get(&uid).copied().unwrap_or(0);
+        let of_tenant = state.by_tenant.get(&tenant).copied().unwrap_or(0);
         let refusal = if state.open >= self.max {
             Some((
                 REFUSED_TOTAL,
@@ -73,12 +76,12 @@ impl ConnectionLimits {
                     self.max
                 ),
             ))
-        } else if of_uid >= self.per_uid {
+        } else if of_tenant >= self.per_tenant {
             Some((
                 REFUSED_PER_UID,
                 format!(
-                    "uid {uid} has {} connections open (max_connections_per_uid); close some or retry later",
-                    self.per_uid
+                    "{tenant} has {} connections open (max_connections_per_uid); close some or retry later",
+                    self.per_tenant
                 ),
             ))
         } else {
@@ -89,10 +92,10 @@ impl ConnectionLimits {
             return Err(RequestError::TooManyConnections { reason });
         }
         state.open += 1;
-        *state.by_uid.entry(uid).or_default() += 1;
+        *state.by_tenant.entry(tenant).or_default() += 1;
         Ok(ConnectionPermit {
             limits: Arc::clone(self),
-            uid,
+            tenant,
         })
     }
 
@@ -129,10 +132,10 @@ impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         let mut state = self.limits.lock();
         state.open = state.open.saturating_sub(1);
-        if let Some(count) = state.by_uid.get_mut(&self.uid) {
+        if let Some(count) = state.by_tenant.get_mut(&self.tenant) {
             *count -= 1;
             if *count == 0 {
-                state.by_uid.remove(&self.uid);
+                state.by_tenant.remove(&self.tenant);
             }
         }
     }
@@ -145,17 +148,21 @@ mod tests {
     #[test]
     fn caps_hold_overall_and_per_uid_and_permits_free_their_place() {
         let limits = ConnectionLimits::new(3, 2);
-        let a1 = limits.try_admit(1).expect("first");
-        let a2 = limits.try_admit(1).expect("second of uid 1");
-        let err = limits.try_admit(1).expect_err("uid 1 is at its cap");
+        let a1 = limits.try_admit(Tenant::Uid(1)).expect("first");
+        let a2 = limits.try_admit(Tenant::Uid(1)).expect("second of uid 1");
+        let err = limits
+            .try_admit(Tenant::Uid(1))
+            .expect_err("uid 1 is at its cap");
         assert!(err.to_string().contains("max_connections_per_uid"), "{err}");
-        let b1 = limits.try_admit(2).expect("another uid still fits");
-        let err = limits.try_admit(3).expect_err("overall cap");
+        let b1 = limits
+            .try_admit(Tenant::Uid(2))
+            .expect("another uid still fits");
+        let err = limits.try_admit(Tenant::Uid(3)).expect_err("overall cap");
         assert!(err.to_string().contains("3 client connections"), "{err}");
         assert_eq!(limits.open(), 3);
         drop(a1);
         assert_eq!(limits.open(), 2);
-        let a3 = limits.try_admit(1).expect("a place was freed");
+        let a3 = limits.try_admit(Tenant::Uid(1)).expect("a place was freed");
         limits.count_refusal(REFUSED_PERMISSION);
         let refused = limits.refused();
         assert_eq!(refused.get(REFUSED_PER_UID), Some(&1));
@@ -163,6 +170,6 @@ mod tests {
         assert_eq!(refused.get(REFUSED_PERMISSION), Some(&1));
         drop((a2, a3, b1));
         assert_eq!(limits.open(), 0);
-        assert!(limits.lock().by_uid.is_empty());
+        assert!(limits.lock().by_tenant.is_empty());
     }
 }

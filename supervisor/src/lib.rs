@@ -64,6 +64,15 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The HTTP API's TCP address could not be bound.
+    #[error("cannot listen for HTTP on {addr}")]
+    HttpListen {
+        /// The configured `http_listen`.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// systemd passed a socket that cannot be used.
     #[error("socket activation failed")]
     Activation(#[from] activation::ActivationError),
@@ -134,7 +143,21 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         shutdown.clone(),
     ));
     let connection_tasks = TaskTracker::new();
-    let http_shared = Arc::new(http::HttpShared::new(Arc::clone(&read_budget)));
+    let http_shared = Arc::new(http::HttpShared::new(
+        Arc::clone(&read_budget),
+        config.api_keys.clone(),
+    ));
+    let http_listener = match config.http_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::HttpListen { addr, source })?;
+            let local = listener.local_addr().unwrap_or(addr);
+            info!(addr = %local, keys = !config.api_keys.is_empty(), "HTTP API on http://{local}/");
+            Some(listener)
+        }
+        None => None,
+    };
     if let Some(addr) = config.metrics_listen {
         let listener = metrics_http::bind(addr)
             .await
@@ -160,6 +183,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                 // the pool sends; an invalid one is answered here.
                 if let Some(reloaded) = reload(&args, &config, &notifier) {
                     config = reloaded;
+                    http_shared.set_api_keys(config.api_keys.clone());
                     // The pool answers nothing here: the roll runs on its own.
                     let _ = pool_tx.send(pool::PoolMsg::Roll { config: Some(config.clone()), responder: None }).await;
                 }
@@ -180,6 +204,27 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                 }
                 Err(err) => {
                     warn!(error = %err, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            accepted = accept_tcp(http_listener.as_ref()) => match accepted {
+                Ok((stream, remote)) => {
+                    next_conn_id += 1;
+                    let cx = http::TcpContext {
+                        limits: Arc::clone(&limits),
+                        lingering: Arc::clone(&lingering),
+                        http: http::HttpContext {
+                            config: config.clone(),
+                            pool: pool_tx.clone(),
+                            shutdown: shutdown.clone(),
+                            shared: Arc::clone(&http_shared),
+                            in_transit: server::IN_TRANSIT_PER_CONNECTION,
+                        },
+                    };
+                    connection_tasks.spawn(http::serve_tcp(stream, remote, next_conn_id, cx));
+                }
+                Err(err) => {
+                    warn!(error = %err, "HTTP accept failed; backing off");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
@@ -217,6 +262,16 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
 /// Raises the soft descriptor limit to the hard one, so that connections
 /// and worker spawns do not compete for the 1024 a service gets by default.
 /// Returns the soft limit in force, if it could be read.
+/// The next connection of the TCP listener; never, without one.
+async fn accept_tcp(
+    listener: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn raise_nofile() -> Option<u64> {
     match fdlimit::raise_nofile() {
         Ok(limit) => {
@@ -320,6 +375,7 @@ fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Op
             "max_frame_bytes",
             new.max_frame_bytes != running.max_frame_bytes,
         ),
+        ("http_listen", new.http_listen != running.http_listen),
         (
             "cgroups",
             new.cgroups != running.cgroups || new.cgroup_parent != running.cgroup_parent,
@@ -339,6 +395,7 @@ fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Op
     new.max_frame_bytes = running.max_frame_bytes;
     new.cgroups = running.cgroups;
     new.cgroup_parent = running.cgroup_parent.clone();
+    new.http_listen = running.http_listen;
     info!("SIGHUP: configuration re-read; rolling every worker");
     Some(Arc::new(new))
 }

@@ -373,7 +373,7 @@ impl Pool {
         if let Some(error) = rejection {
             self.counters.requests_rejected += 1;
             self.count_failure(&error);
-            responder.embed(Err(error));
+            responder.fail(error);
             return;
         }
         let deadline = now + deadline.unwrap_or_else(|| self.config.default_deadline());
@@ -390,7 +390,7 @@ impl Pool {
             self.counters.requests_rejected += 1;
             let error = self.overloaded();
             self.count_failure(&error);
-            request.responder.embed(Err(error));
+            request.responder.fail(error);
             return;
         }
         self.counters.requests_accepted += 1;
@@ -1061,9 +1061,7 @@ impl Pool {
                     if let Some(request) = job.request.take() {
                         let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
                         count_failure(&mut self.counters, "timeout");
-                        request
-                            .responder
-                            .embed(Err(RequestError::Timeout { elapsed_ms }));
+                        request.responder.fail(RequestError::Timeout { elapsed_ms });
                     }
                 }
             }
@@ -1154,7 +1152,13 @@ impl Pool {
             elapsed_us = now.duration_since(request.accepted).as_micros() as u64,
             "answered"
         );
-        request.responder.embed(result);
+        match result {
+            Ok(result) => {
+                let timing = request.timing(now);
+                request.responder.embedded(result, timing);
+            }
+            Err(error) => request.responder.fail(error),
+        }
     }
 
     /// Drops a queued request whose client disconnected, unrun: nobody

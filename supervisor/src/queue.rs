@@ -2,8 +2,9 @@
 //!
 //! Every accepted embed request waits here until a worker is free. Requests
 //! are kept in one FIFO *lane* per client connection; lanes are grouped by
-//! the connection's uid. Dispatch takes turns: the next uid in rotation, then
-//! the next connection of that uid, one request each; a client whose lane was
+//! the connection's [`Tenant`]: its uid, or "TCP" for every client of the
+//! TCP listener together. Dispatch takes turns: the next tenant in
+//! rotation, then the next connection of that tenant, one request each; a client whose lane was
 //! empty takes the next turn. So a client that floods the daemon delays
 //! another client by about one request per worker, not by the whole queue, and a user cannot buy a larger share by
 //! opening more connections than another user (fairness is per uid first,
@@ -12,7 +13,7 @@
 //!
 //! Admission is fair too (longest-queue drop): when the queue is at its
 //! request capacity or its byte budget, a new request from a light client
-//! pushes out the newest request of the heaviest client (the uid, then the
+//! pushes out the newest request of the heaviest client (the tenant, then the
 //! connection, holding the most), which is answered `overloaded`. Only when
 //! the newcomer is itself the heaviest is the newcomer refused.
 //!
@@ -20,13 +21,13 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::request::{ClientKey, Request};
+use crate::request::{ClientKey, Request, Tenant};
 
 /// One connection's waiting requests.
 #[derive(Debug)]
 struct Lane {
-    /// The connection's uid (the lane's group).
-    uid: u32,
+    /// The connection's tenant (the lane's group).
+    tenant: Tenant,
     /// Oldest first.
     requests: VecDeque<Request>,
 }
@@ -47,10 +48,10 @@ pub struct FairQueue {
     retries: VecDeque<Request>,
     /// Lanes by connection id; a lane exists only while it holds requests.
     lanes: HashMap<u64, Lane>,
-    /// Per uid, its connections with waiting requests, in turn order.
-    rings: BTreeMap<u32, VecDeque<u64>>,
-    /// Uids with waiting requests, in turn order.
-    turns: VecDeque<u32>,
+    /// Per tenant, its connections with waiting requests, in turn order.
+    rings: BTreeMap<Tenant, VecDeque<u64>>,
+    /// Tenants with waiting requests, in turn order.
+    turns: VecDeque<Tenant>,
     /// Requests held, retries included.
     len: usize,
     /// Text bytes held, retries included.
@@ -81,14 +82,14 @@ impl FairQueue {
     /// Appends `request` to its client's lane.
     pub fn push(&mut self, request: Request) {
         self.count_in(&request);
-        let ClientKey { uid, conn } = request.client;
+        let ClientKey { tenant, conn } = request.client;
         let lane = self.lanes.entry(conn).or_insert_with(|| Lane {
-            uid,
+            tenant,
             requests: VecDeque::new(),
         });
         lane.requests.push_back(request);
         if lane.requests.len() == 1 {
-            self.activate(uid, conn);
+            self.activate(tenant, conn);
         }
     }
 
@@ -107,14 +108,14 @@ impl FairQueue {
     }
 
     /// The next request by turn: retries first, then one request from the
-    /// next connection of the next uid.
+    /// next connection of the next tenant.
     pub fn pop(&mut self) -> Option<Request> {
         if let Some(request) = self.retries.pop_front() {
             self.count_out(&request);
             return Some(request);
         }
-        let uid = self.turns.pop_front()?;
-        let ring = self.rings.get_mut(&uid)?;
+        let tenant = self.turns.pop_front()?;
+        let ring = self.rings.get_mut(&tenant)?;
         let conn = ring.pop_front()?;
         let lane = self.lanes.get_mut(&conn)?;
         let request = lane.requests.pop_front();
@@ -124,9 +125,9 @@ impl FairQueue {
             ring.push_back(conn);
         }
         if ring.is_empty() {
-            self.rings.remove(&uid);
+            self.rings.remove(&tenant);
         } else {
-            self.turns.push_back(uid);
+            self.turns.push_back(tenant);
         }
         if let Some(request) = &request {
             self.count_out(request);
@@ -139,7 +140,7 @@ impl FairQueue {
         let Some(lane) = self.lanes.remove(&conn) else {
             return Vec::new();
         };
-        self.deactivate(lane.uid, conn);
+        self.deactivate(lane.tenant, conn);
         let requests: Vec<Request> = lane.requests.into_iter().collect();
         for request in &requests {
             self.count_out(request);
@@ -170,12 +171,12 @@ impl FairQueue {
                 }
             }
             if lane.requests.is_empty() {
-                emptied.push((lane.uid, conn));
+                emptied.push((lane.tenant, conn));
             }
         }
-        for (uid, conn) in emptied {
+        for (tenant, conn) in emptied {
             self.lanes.remove(&conn);
-            self.deactivate(uid, conn);
+            self.deactivate(tenant, conn);
         }
         for request in &taken {
             self.count_out(request);
@@ -206,20 +207,22 @@ impl FairQueue {
             Measure::Count => 1,
             Measure::Bytes => r.bytes,
         };
-        let mut per_uid: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut per_tenant: BTreeMap<Tenant, u64> = BTreeMap::new();
         for lane in self.lanes.values() {
-            *per_uid.entry(lane.uid).or_default() += lane.requests.iter().map(size).sum::<u64>();
+            *per_tenant.entry(lane.tenant).or_default() +=
+                lane.requests.iter().map(size).sum::<u64>();
         }
-        let (&uid, &uid_weight) = per_uid.iter().max_by_key(|(_, w)| **w)?;
-        let newcomer_uid_weight = per_uid.get(&newcomer.uid).copied().unwrap_or(0) + weight;
+        let (&tenant, &tenant_weight) = per_tenant.iter().max_by_key(|(_, w)| **w)?;
+        let newcomer_tenant_weight =
+            per_tenant.get(&newcomer.tenant).copied().unwrap_or(0) + weight;
         let (conn, lane_weight) = self
             .lanes
             .iter()
-            .filter(|(_, lane)| lane.uid == uid)
+            .filter(|(_, lane)| lane.tenant == tenant)
             .map(|(conn, lane)| (*conn, lane.requests.iter().map(size).sum::<u64>()))
             .max_by_key(|(_, w)| *w)?;
-        let heavier = if uid != newcomer.uid {
-            uid_weight > newcomer_uid_weight
+        let heavier = if tenant != newcomer.tenant {
+            tenant_weight > newcomer_tenant_weight
         } else {
             // Same user: compare the connections.
             let newcomer_lane = self
@@ -236,7 +239,7 @@ impl FairQueue {
         let victim = lane.requests.pop_back()?;
         if lane.requests.is_empty() {
             self.lanes.remove(&conn);
-            self.deactivate(uid, conn);
+            self.deactivate(tenant, conn);
         }
         self.count_out(&victim);
         Some(victim)
@@ -247,22 +250,22 @@ impl FairQueue {
     /// request at a time waits for the next free worker, not for a turn
     /// behind every flooder. A lane stays newly active only until served, so
     /// a busy client gains nothing from it.
-    fn activate(&mut self, uid: u32, conn: u64) {
-        let ring = self.rings.entry(uid).or_default();
+    fn activate(&mut self, tenant: Tenant, conn: u64) {
+        let ring = self.rings.entry(tenant).or_default();
         if ring.is_empty() {
-            self.turns.push_front(uid);
+            self.turns.push_front(tenant);
         }
         ring.push_front(conn);
     }
 
-    fn deactivate(&mut self, uid: u32, conn: u64) {
-        let Some(ring) = self.rings.get_mut(&uid) else {
+    fn deactivate(&mut self, tenant: Tenant, conn: u64) {
+        let Some(ring) = self.rings.get_mut(&tenant) else {
             return;
         };
         ring.retain(|c| *c != conn);
         if ring.is_empty() {
-            self.rings.remove(&uid);
-            self.turns.retain(|u| *u != uid);
+            self.rings.remove(&tenant);
+            self.turns.retain(|t| *t != tenant);
         }
     }
 
@@ -288,7 +291,10 @@ mod tests {
         let now = Instant::now();
         Request::new(
             id,
-            ClientKey { uid, conn },
+            ClientKey {
+                tenant: Tenant::Uid(uid),
+                conn,
+            },
             Arc::from(vec![text.to_owned()]),
             now,
             now,
@@ -391,14 +397,35 @@ mod tests {
         }
         queue.push(request(5, 0, 2, "polite"));
         // Same uid, another connection: the flooder's newest goes.
-        let victim = queue.evict_for(ClientKey { uid: 0, conn: 2 }, 1, Measure::Count);
+        let victim = queue.evict_for(
+            ClientKey {
+                tenant: Tenant::Uid(0),
+                conn: 2,
+            },
+            1,
+            Measure::Count,
+        );
         assert_eq!(victim.map(|r| r.id), Some(4));
         // The flooder itself gets nothing pushed out for it.
         assert!(queue
-            .evict_for(ClientKey { uid: 0, conn: 1 }, 1, Measure::Count)
+            .evict_for(
+                ClientKey {
+                    tenant: Tenant::Uid(0),
+                    conn: 1
+                },
+                1,
+                Measure::Count
+            )
             .is_none());
         // Another uid: the heaviest uid loses, by bytes as well.
-        let victim = queue.evict_for(ClientKey { uid: 7, conn: 9 }, 3, Measure::Bytes);
+        let victim = queue.evict_for(
+            ClientKey {
+                tenant: Tenant::Uid(7),
+                conn: 9,
+            },
+            3,
+            Measure::Bytes,
+        );
         assert_eq!(victim.map(|r| r.id), Some(3));
         assert_eq!(queue.len(), 3);
         assert_eq!(queue.bytes(), 5 + 5 + 6);
@@ -406,7 +433,14 @@ mod tests {
         let mut even = FairQueue::new();
         even.push(request(1, 0, 1, "x"));
         assert!(even
-            .evict_for(ClientKey { uid: 1, conn: 2 }, 1, Measure::Count)
+            .evict_for(
+                ClientKey {
+                    tenant: Tenant::Uid(1),
+                    conn: 2
+                },
+                1,
+                Measure::Count
+            )
             .is_none());
     }
 }

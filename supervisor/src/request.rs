@@ -3,7 +3,7 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use inferd_proto::{EmbedResult, PoolStatus, RequestError, ServerMessage};
+use inferd_proto::{EmbedResult, PoolStatus, RequestError, ServerMessage, Timing};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::error;
@@ -36,13 +36,10 @@ impl Responder {
         self.tx.as_ref().is_none_or(|tx| tx.is_closed())
     }
 
-    /// Answers an embed request.
-    pub fn embed(self, result: Result<EmbedResult, RequestError>) {
+    /// Answers an embed request with its vectors.
+    pub fn embedded(self, result: EmbedResult, timing: Timing) {
         let id = self.id;
-        self.send(match result {
-            Ok(result) => ServerMessage::Embeddings { id, result },
-            Err(error) => ServerMessage::Error { id, error },
-        });
+        self.send(ServerMessage::Embeddings { id, result, timing });
     }
 
     /// Answers any request with an error.
@@ -102,12 +99,33 @@ impl Drop for Responder {
     }
 }
 
-/// Which client a request came from: the queue takes turns by uid, then by
-/// connection.
+/// Whose share of the queue and of the connection caps a connection draws
+/// on: the fair queue takes turns between tenants, and each tenant holds at
+/// most `max_connections_per_uid` connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tenant {
+    /// A Unix socket peer, by its uid (`SO_PEERCRED`).
+    Uid(u32),
+    /// Every client of the TCP listener, together: the network door
+    /// cannot crowd out local users however many connections it opens.
+    Tcp,
+}
+
+impl std::fmt::Display for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Uid(uid) => write!(f, "uid {uid}"),
+            Self::Tcp => f.write_str("the TCP listener"),
+        }
+    }
+}
+
+/// Which client a request came from: the queue takes turns by tenant, then
+/// by connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientKey {
-    /// The peer's uid (`SO_PEERCRED`).
-    pub uid: u32,
+    /// The connection's tenant.
+    pub tenant: Tenant,
     /// The connection, numbered by the supervisor.
     pub conn: u64,
 }
@@ -130,6 +148,8 @@ pub struct Request {
     pub accepted: Instant,
     /// When it must be answered by.
     pub deadline: Instant,
+    /// When it was last handed to a worker.
+    pub dispatched: Option<Instant>,
     /// Worker deaths it was in flight for.
     pub deaths: u32,
     /// Where the answer goes.
@@ -156,8 +176,20 @@ impl Request {
             fingerprint: hasher.finish(),
             accepted: now,
             deadline,
+            dispatched: None,
             deaths: 0,
             responder,
+        }
+    }
+
+    /// Where its time went, answered at `now`: before the last dispatch,
+    /// and since.
+    pub fn timing(&self, now: Instant) -> Timing {
+        let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let dispatched = self.dispatched.unwrap_or(now);
+        Timing {
+            queue_us: micros(dispatched.saturating_duration_since(self.accepted)),
+            inference_us: micros(now.saturating_duration_since(dispatched)),
         }
     }
 }
@@ -177,7 +209,7 @@ mod tests {
             } => {}
             other => panic!("unexpected {other:?}"),
         }
-        Responder::new(6, tx).embed(Err(RequestError::ShuttingDown));
+        Responder::new(6, tx).fail(RequestError::ShuttingDown);
         assert_eq!(rx.try_recv().unwrap().id(), Some(6));
         assert!(rx.try_recv().is_err(), "answered once, nothing from drop");
     }

@@ -33,20 +33,20 @@ use crate::config::Config;
 use crate::connections::{ConnectionLimits, ConnectionPermit, REFUSED_PERMISSION};
 use crate::http::{self, HttpShared, Protocol};
 use crate::pool::PoolMsg;
-use crate::request::{ClientKey, Responder};
+use crate::request::{ClientKey, Responder, Tenant};
 
 /// A refused peer gets this long to read the refusal before the connection
 /// closes (closing while its hello is unread would turn our last frames into
 /// a reset for some peers).
-const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+pub(crate) const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// Bytes read (and discarded) from a refused peer while lingering.
-const REFUSAL_READ_LIMIT: usize = 4096;
+pub(crate) const REFUSAL_READ_LIMIT: usize = 4096;
 /// Embed requests of one connection on their way to the pool at once. The
 /// channel to the pool is first come, first served; without this cap a
 /// flooding connection could fill it whenever the pool falls behind, and
 /// others' requests would wait behind its messages before the fair queue
 /// ever saw them. Past the cap the connection stops reading (backpressure).
-const IN_TRANSIT_PER_CONNECTION: usize = 4;
+pub(crate) const IN_TRANSIT_PER_CONNECTION: usize = 4;
 
 /// The supervisor's end of a client connection.
 type ClientConnection = Connection<UnixStream, ServerMessage, ClientMessage>;
@@ -117,7 +117,7 @@ pub async fn serve_client(stream: UnixStream, conn_id: u64, cx: ServeContext) {
                     shared: cx.http,
                     in_transit: IN_TRANSIT_PER_CONNECTION,
                 };
-                http::serve(stream, peer, conn_id, permit, http_cx).await;
+                http::serve(stream, http::Door::Unix(peer), conn_id, permit, http_cx).await;
             }
             Ok(Err(err)) => info!(error = %err, "cannot read from the client; closing"),
             Err(_) => info!("client sent nothing within the handshake timeout; closing"),
@@ -129,9 +129,12 @@ pub async fn serve_client(stream: UnixStream, conn_id: u64, cx: ServeContext) {
 
 /// The connection caps, then the access policy.
 fn admit(cx: &ServeContext, peer: Peer) -> Result<ConnectionPermit, RequestError> {
-    let permit = cx.limits.try_admit(peer.uid).inspect_err(|error| {
-        warn!(%error, "refusing client connection");
-    })?;
+    let permit = cx
+        .limits
+        .try_admit(Tenant::Uid(peer.uid))
+        .inspect_err(|error| {
+            warn!(%error, "refusing client connection");
+        })?;
     if let Err(reason) = cx.config.access.admit(peer) {
         warn!(%reason, "refusing client");
         cx.limits.count_refusal(REFUSED_PERMISSION);
@@ -140,18 +143,33 @@ fn admit(cx: &ServeContext, peer: Peer) -> Result<ConnectionPermit, RequestError
     Ok(permit)
 }
 
-/// Tells a refused peer why, before anything of it is read: our hello and a
-/// `Refused` frame, in one write. With a lingering slot free, waits (bounded)
-/// for the peer to finish its side, reading at most a few KiB.
+/// Tells a refused peer why, in its own protocol, before anything of it is
+/// decoded: a native peer gets our hello and a `Refused` frame, an HTTP one
+/// a whole HTTP answer ([`http::refusal`]). With a lingering slot free, the
+/// protocol is told from the peer's first bytes (waited for, bounded), and
+/// then the peer gets time to finish its side, reading at most a few KiB;
+/// without one, from the bytes already there.
 async fn refuse(mut stream: UnixStream, error: RequestError, lingering: &tokio::sync::Semaphore) {
-    let mut bytes = match encode_frame(&Hello::new("inferd")) {
-        Ok(bytes) => bytes,
-        Err(_) => return,
-    };
-    if let Ok(refusal) = encode_frame(&ServerMessage::Refused { error }) {
-        bytes.extend_from_slice(&refusal);
+    let slot = lingering.try_acquire().ok();
+    let mut head = [0u8; 64];
+    if slot.is_some() {
+        // Bounded; a peer that sends nothing gets the native refusal.
+        let _ = tokio::time::timeout(REFUSAL_LINGER, http::sniff(&stream)).await;
     }
-    let Ok(_slot) = lingering.try_acquire() else {
+    let peeked = http::peek(&stream, &mut head).unwrap_or(0);
+    let head = &head[..peeked];
+    let bytes = if http::classify(head) == Some(Protocol::Http) {
+        http::refusal(&error, http::is_openai_path(head))
+    } else {
+        let Ok(mut bytes) = encode_frame(&Hello::new("inferd")) else {
+            return;
+        };
+        if let Ok(refusal) = encode_frame(&ServerMessage::Refused { error }) {
+            bytes.extend_from_slice(&refusal);
+        }
+        bytes
+    };
+    let Some(_slot) = slot else {
         // A fresh socket's send buffer is empty: this small write goes
         // through whole without waiting.
         let _ = stream.try_write(&bytes);
@@ -210,7 +228,7 @@ async fn serve_peer(
         }
     }
     let client = ClientKey {
-        uid: peer.uid,
+        tenant: Tenant::Uid(peer.uid),
         conn: conn_id,
     };
     let (answers_tx, mut answers) = mpsc::unbounded_channel::<ServerMessage>();

@@ -240,10 +240,11 @@ impl Worker {
 
     /// Ready → Busy with `request`. Gives the request back if the worker is
     /// not Ready or its IO task is gone (then the worker is Lost).
-    pub fn assign(&mut self, request: Request, now: Instant) -> Result<(), Request> {
+    pub fn assign(&mut self, mut request: Request, now: Instant) -> Result<(), Request> {
         if !matches!(self.state, WorkerState::Ready { .. }) {
             return Err(request);
         }
+        request.dispatched = Some(now);
         // The request keeps its texts for a retry; the command shares them.
         let command = WorkerCommand::Embed {
             request_id: request.id,

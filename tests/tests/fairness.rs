@@ -649,7 +649,7 @@ async fn requests_of_clients_that_left_are_dropped_unrun() {
             .await
             .expect("the half-closed client gets its answers");
         match decode_payload::<ServerMessage>(&payload).expect("a server message") {
-            ServerMessage::Embeddings { id, result } => {
+            ServerMessage::Embeddings { id, result, .. } => {
                 expected
                     .check(std::slice::from_ref(&text), &result)
                     .unwrap_or_else(|e| panic!("request {id}: {e}"));

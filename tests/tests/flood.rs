@@ -749,7 +749,7 @@ async fn pipeline(socket: std::path::PathBuf, conn: usize, texts: Arc<Vec<String
             }
         };
         match decode_payload::<ServerMessage>(&frame) {
-            Ok(ServerMessage::Embeddings { id, result }) => {
+            Ok(ServerMessage::Embeddings { id, result, .. }) => {
                 *answers.by_id.entry(id).or_default() += 1;
                 if result.embeddings.len() == TEXTS {
                     answers.ok += 1;

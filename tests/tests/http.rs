@@ -3,6 +3,7 @@
 //! halfway through its headers, concurrent requests), by raw HTTP/1.1 over
 //! a Unix stream. Vectors are checked against the onnxruntime fixture.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -89,19 +90,26 @@ fn parse_answer(raw: &[u8]) -> Answer {
 /// `curl --unix-socket` to `path` (GET, or POST of `body` as JSON) with
 /// extra arguments.
 fn curl(socket: &Path, method: &str, path: &str, body: Option<&[u8]>, extra: &[&str]) -> Answer {
+    let unix = ["--unix-socket", socket.to_str().expect("a UTF-8 path")];
+    curl_at(
+        "http://localhost",
+        &[&unix[..], extra].concat(),
+        method,
+        path,
+        body,
+    )
+}
+
+/// `curl` over TCP to `base` (`http://127.0.0.1:PORT`).
+fn curl_tcp(base: &str, method: &str, path: &str, body: Option<&[u8]>, extra: &[&str]) -> Answer {
+    curl_at(base, extra, method, path, body)
+}
+
+fn curl_at(base: &str, args: &[&str], method: &str, path: &str, body: Option<&[u8]>) -> Answer {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cmd = Command::new("/usr/bin/curl");
-    cmd.args([
-        "-sS",
-        "-i",
-        "--max-time",
-        "30",
-        "-X",
-        method,
-        "--unix-socket",
-    ])
-    .arg(socket)
-    .args(extra);
+    cmd.args(["-sS", "-i", "--max-time", "30", "-X", method])
+        .args(args);
     if let Some(body) = body {
         let file = dir.path().join("body.json");
         std::fs::write(&file, body).expect("write body");
@@ -109,7 +117,7 @@ fn curl(socket: &Path, method: &str, path: &str, body: Option<&[u8]>, extra: &[&
             .arg(format!("@{}", file.display()));
     }
     let out = cmd
-        .arg(format!("http://localhost{path}"))
+        .arg(format!("{base}{path}"))
         .output()
         .expect("curl runs");
     assert!(
@@ -367,15 +375,18 @@ async fn errors_have_the_shape_and_status_of_their_route() {
     );
     post(socket, "/embed", &json!({"inputs": ["a", "b", "c"]})).tei_error(422);
 
-    let ids = post(socket, "/v1/embeddings", &json!({"input": [[1, 2, 3]]}));
+    let ids = post(
+        socket,
+        "/v1/embeddings",
+        &json!({"input": [[1, 2], [3, 999_999_999]]}),
+    );
     let err = ids.openai_error(400);
+    let message = err["message"].as_str().unwrap_or_default();
     assert!(
-        err["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("token id"),
+        message.contains("999999999") && message.contains("check_embedding_ctx_length=False"),
         "{err}"
     );
+    post(socket, "/embed", &json!({"inputs": [[1, 2]]})).tei_error(422);
 
     let huge = json!({"input": "x".repeat(100 * 1024)}).to_string();
     curl(socket, "POST", "/v1/embeddings", Some(huge.as_bytes()), &[]).openai_error(413);
@@ -660,4 +671,288 @@ async fn slow_header_clients_are_cut_while_others_are_served() {
         String::from_utf8_lossy(&rest)
     );
     assert_eq!(get(&socket, "/health").status, 200);
+}
+
+/// A loopback port nobody listens on now (the daemon binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Waits (bounded) until the daemon's TCP listener answers `/health`.
+async fn wait_tcp_health(base: &str) {
+    let deadline = Instant::now() + EXCHANGE;
+    loop {
+        let out = Command::new("/usr/bin/curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .arg(format!("{base}/health"))
+            .output()
+            .expect("curl runs");
+        if out.stdout == b"200" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TCP listener never became healthy"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+#[tokio::test]
+async fn tcp_listener_needs_a_key_and_serves_the_same_api() {
+    let key = "test-key-0123456789abcdef";
+    let keys_dir = tempfile::tempdir().expect("temp dir");
+    let keys_file = keys_dir.path().join("api-keys");
+    std::fs::write(&keys_file, format!("# CI\n{key}\n")).expect("write keys");
+    std::fs::set_permissions(&keys_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let port = free_port();
+    let reference = reference();
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .max_seq_len(reference.max_seq_len)
+            .normalize(reference.normalize)
+            .set("http_listen", format!("127.0.0.1:{port}"))
+            .set("api_keys_file", keys_file.display().to_string()),
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{port}");
+    wait_tcp_health(&base).await;
+    let want = reference.model(&test_model_name());
+    let texts: Vec<&str> = want.embeddings.iter().map(|e| e.text.as_str()).collect();
+    let body = json!({"input": texts}).to_string();
+    let body = body.as_bytes();
+    let bearer = format!("Authorization: Bearer {key}");
+    let json = ["-H", "content-type: application/json"];
+
+    // No key, a wrong key, another scheme: 401 in the route's shape.
+    let none = curl_tcp(&base, "POST", "/v1/embeddings", Some(body), &json);
+    let err = none.openai_error(401);
+    assert_eq!(err["code"], "invalid_api_key", "{err}");
+    assert_eq!(none.header("www-authenticate"), Some("Bearer"));
+    let wrong = ["-H", "Authorization: Bearer test-key-0123456789abcdeX"];
+    curl_tcp(
+        &base,
+        "POST",
+        "/v1/embeddings",
+        Some(body),
+        &[&json[..], &wrong[..]].concat(),
+    )
+    .openai_error(401);
+    let basic = ["-H", "Authorization: Basic dGVzdDp0ZXN0"];
+    curl_tcp(&base, "GET", "/v1/models", None, &basic).openai_error(401);
+    curl_tcp(&base, "GET", "/info", None, &[]).tei_error(401);
+    curl_tcp(&base, "GET", "/metrics", None, &[]).tei_error(401);
+    curl_tcp(&base, "GET", "/nowhere", None, &[]).tei_error(401);
+
+    // With the key: the same answers as on the Unix socket.
+    let with_key = ["-H", bearer.as_str()];
+    let ok = curl_tcp(
+        &base,
+        "POST",
+        "/v1/embeddings",
+        Some(body),
+        &[&json[..], &with_key[..]].concat(),
+    );
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let data = ok.json()["data"].clone();
+    for (i, expected) in want.embeddings.iter().enumerate() {
+        let diff = max_abs_diff(&vector_of(&data[i]["embedding"]), &expected.vector);
+        assert!(diff <= TOLERANCE, "text {i}: max abs diff {diff}");
+    }
+    let tei = json!({"inputs": texts[0]}).to_string();
+    let tei = curl_tcp(
+        &base,
+        "POST",
+        "/embed",
+        Some(tei.as_bytes()),
+        &[&json[..], &with_key[..]].concat(),
+    );
+    assert_eq!(tei.status, 200, "{tei:?}");
+    let diff = max_abs_diff(&vector_of(&tei.json()[0]), &want.embeddings[0].vector);
+    assert!(diff <= TOLERANCE, "/embed: max abs diff {diff}");
+    let metrics = curl_tcp(&base, "GET", "/metrics", None, &with_key);
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    assert!(
+        metrics.body.contains("inferd_requests_ok_total"),
+        "{}",
+        metrics.body
+    );
+    // The Unix socket needs no key.
+    assert_eq!(get(daemon.socket_path(), "/info").status, 200);
+}
+
+#[test]
+fn a_network_listener_without_keys_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("inferd.toml");
+    let (model, tokenizer) = inferd_tests::default_model();
+    std::fs::write(
+        &config,
+        format!(
+            "socket = {:?}\nmodel = {:?}\ntokenizer = {:?}\nhttp_listen = \"0.0.0.0:{}\"\n",
+            dir.path().join("s.sock"),
+            model,
+            tokenizer,
+            free_port()
+        ),
+    )
+    .expect("write config");
+    let out = Command::new(inferd_tests::binary("inferd"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("inferd runs");
+    assert!(!out.status.success(), "inferd must refuse to start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("http_listen") && stderr.contains("api_keys_file"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("s.sock").exists(), "nothing was served");
+}
+
+#[tokio::test]
+async fn openai_token_ids_are_read_as_cl100k_and_aliases_name_the_model() {
+    let reference = reference();
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .max_seq_len(reference.max_seq_len)
+            .normalize(reference.normalize)
+            .set("model_aliases", vec!["text-embedding-3-small".to_owned()]),
+    )
+    .await;
+    let socket = daemon.socket_path();
+    let want = reference.model(&test_model_name());
+    let cl100k = tiktoken_rs::cl100k_base().expect("bundled vocabulary");
+    let ids: Vec<Vec<u32>> = want
+        .embeddings
+        .iter()
+        .map(|e| cl100k.encode_ordinary(&e.text))
+        .collect();
+    // What LangChain's OpenAIEmbeddings sends by default: ids, an alias.
+    let answer = post(
+        socket,
+        "/v1/embeddings",
+        &json!({"input": ids, "model": "text-embedding-3-small", "encoding_format": "float"}),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let data = answer.json()["data"].clone();
+    for (i, expected) in want.embeddings.iter().enumerate() {
+        let diff = max_abs_diff(&vector_of(&data[i]["embedding"]), &expected.vector);
+        assert!(
+            diff <= TOLERANCE,
+            "text {i} as cl100k ids: max abs diff {diff}"
+        );
+    }
+    // One flat list is one input.
+    let one = post(socket, "/v1/embeddings", &json!({"input": ids[0]}));
+    assert_eq!(
+        one.json()["data"].as_array().map(Vec::len),
+        Some(1),
+        "{one:?}"
+    );
+    let models = get(socket, "/v1/models").json();
+    let names: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [test_model_name().as_str(), "text-embedding-3-small"]
+    );
+}
+
+#[tokio::test]
+async fn answers_say_where_the_time_went() {
+    let daemon = Daemon::start(DaemonConfig::new().workers(1)).await;
+    let answer = post(
+        daemon.socket_path(),
+        "/embed",
+        &json!({"inputs": ["where did the time go"]}),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let ms = |name: &str| -> u64 {
+        answer
+            .header(name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing or not a number: {:?}", answer.headers))
+    };
+    let (total, queue, inference) = (
+        ms("x-total-time"),
+        ms("x-queue-time"),
+        ms("x-inference-time"),
+    );
+    assert!(
+        queue + inference <= total + 1,
+        "queue {queue} + inference {inference} > total {total}"
+    );
+    assert!(ms("x-compute-tokens") > 0);
+}
+
+#[tokio::test]
+async fn refused_http_clients_get_an_http_answer() {
+    let port = free_port();
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .set("max_connections_per_uid", 1)
+            .set("http_listen", format!("127.0.0.1:{port}")),
+    )
+    .await;
+    let socket = daemon.socket_path();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_tcp_health(&base).await;
+    // This uid's one place, held by a connection that has not spoken yet.
+    let _held = UnixStream::connect(socket).await.expect("connect");
+    let poll_refused = |path: &'static str| {
+        let deadline = Instant::now() + EXCHANGE;
+        loop {
+            let answer = get(socket, path);
+            if answer.status == 503 || Instant::now() > deadline {
+                return answer;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    };
+    let refused = poll_refused("/health");
+    let body = refused.tei_error(503);
+    assert_eq!(body["error_type"], "too_many_connections", "{body}");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let err = get(socket, "/v1/models").openai_error(503);
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_connections_per_uid"),
+        "{err}"
+    );
+    // Every TCP client together is one tenant, with the same cap.
+    let _held_tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let deadline = Instant::now() + EXCHANGE;
+    let refused = loop {
+        let answer = curl_tcp(&base, "GET", "/v1/models", None, &[]);
+        if answer.status == 503 || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+    let err = refused.openai_error(503);
+    assert!(
+        err["message"].as_str().unwrap_or_default().contains("TCP"),
+        "{err}"
+    );
 }

@@ -136,7 +136,9 @@ impl Client {
             })
             .await?
         {
-            ServerMessage::Embeddings { id: got, result } if got == id => Ok(result),
+            ServerMessage::Embeddings {
+                id: got, result, ..
+            } if got == id => Ok(result),
             ServerMessage::Error { id: got, error } if got == id => {
                 Err(ClientError::Request(error))
             }
@@ -243,7 +245,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use inferd_proto::{encode_frame, Hello, PROTOCOL_VERSION};
+    use inferd_proto::{encode_frame, Hello, Timing, PROTOCOL_VERSION};
     use std::future::Future;
     use tokio::io::AsyncWriteExt;
     use tokio::net::UnixListener;
@@ -312,6 +314,7 @@ mod tests {
                 Some(ServerMessage::Embeddings {
                     id,
                     result: sample_result(),
+                    timing: Timing::default(),
                 })
             }
             other => panic!("unexpected {other:?}"),
@@ -332,6 +335,7 @@ mod tests {
             Some(ServerMessage::Embeddings {
                 id: request_id(&req) + 100,
                 result: sample_result(),
+                timing: Timing::default(),
             })
         });
         let mut client = Client::connect(&path).await.unwrap();
@@ -351,6 +355,7 @@ mod tests {
             Some(ServerMessage::Embeddings {
                 id: request_id(&req),
                 result: sample_result(),
+                timing: Timing::default(),
             })
         });
         let mut client = Client::connect(&path).await.unwrap();

@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 
 use inferd_proto::{
     ClientMessage, Connection, Counters, EmbedResult, PoolStatus, RequestError, ServerMessage,
-    WorkerStatus, DEFAULT_MAX_FRAME_BYTES,
+    Timing, WorkerStatus, DEFAULT_MAX_FRAME_BYTES,
 };
 use tokio::net::{UnixListener, UnixStream};
 
@@ -59,6 +59,7 @@ fn embed_answer(request: ClientMessage) -> ServerMessage {
                 truncated: vec![false; texts.len()],
                 token_counts: texts.iter().map(|t| t.len() as u32).collect(),
             },
+            timing: Timing::default(),
         },
         ClientMessage::Status { id } => ServerMessage::Status {
             id,

@@ -2,8 +2,8 @@
 //!
 //! | route | answers |
 //! |---|---|
-//! | `POST /v1/embeddings` | OpenAI's embeddings API (float or base64) |
-//! | `GET /v1/models` | OpenAI's model list: the served model |
+//! | `POST /v1/embeddings` | OpenAI's embeddings API (float or base64; text or cl100k_base token ids) |
+//! | `GET /v1/models` | OpenAI's model list: the served model and its aliases |
 //! | `POST /embed` | text-embeddings-inference's `[[f32]]` |
 //! | `GET /info` | model name, dims (once known), limits, version |
 //! | `GET /health` | 200 while a worker is ready, else 503 |
@@ -11,24 +11,26 @@
 //!
 //! Bodies are read up to `max_frame_bytes` (413 past it) and parsed here
 //! rather than by axum's `Json` extractor, so a bad body gets an error in the
-//! route's own shape that names the problem. Embedding answers carry
-//! `x-total-time` (ms, as the handler measured it) and `x-compute-tokens`;
-//! the pool does not report queue and inference time apart, so TEI's
-//! `x-queue-time` and `x-inference-time` are not sent.
+//! route's own shape that names the problem. Embedding answers carry TEI's
+//! timing headers, in milliseconds: `x-total-time` (as the handler measured
+//! it), `x-queue-time` and `x-inference-time` (the pool's [`Timing`]), and
+//! `x-compute-tokens`. On the TCP listener, [`require_key`] checks the API
+//! key before any route runs.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use http_body_util::BodyExt;
-use inferd_proto::{EmbedResult, PoolStatus, RequestError, ServerMessage};
+use inferd_proto::{EmbedResult, PoolStatus, RequestError, ServerMessage, Timing};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -36,7 +38,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::error::{ApiError, Flavor};
-use super::ConnState;
+use super::{openai_ids, ConnState, Door};
 use crate::pool::PoolMsg;
 use crate::request::Responder;
 
@@ -57,7 +59,31 @@ pub(super) fn router(state: Arc<ConnState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_key,
+        ))
         .with_state(state)
+}
+
+/// On the TCP listener with keys configured, lets through only requests
+/// with a valid key, and `/health` (a load balancer's probe has none).
+async fn require_key(State(conn): Conn, request: Request, next: Next) -> Response {
+    if matches!(conn.door, Door::Tcp) && request.uri().path() != "/health" {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        if conn.shared.refuses_key(presented) {
+            let flavor = Flavor::of_path(request.uri().path());
+            let mut response = ApiError::unauthorized(flavor).into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -107,9 +133,9 @@ fn model_name(config: &crate::config::Config) -> String {
 /// `POST /v1/embeddings` body. Unknown fields are ignored, as OpenAI does.
 #[derive(Debug, Deserialize)]
 struct OpenAiRequest {
-    /// A string, an array of strings, or token ids.
+    /// A string, an array of strings, or cl100k_base token ids.
     input: Value,
-    /// Must name the served model.
+    /// The served model or one of `model_aliases`.
     model: Option<String>,
     /// `float` (default) or `base64`.
     encoding_format: Option<String>,
@@ -121,69 +147,58 @@ async fn openai_embeddings(State(conn): Conn, headers: HeaderMap, body: Body) ->
     let started = Instant::now();
     let flavor = Flavor::OpenAi;
     let served = model_name(&conn.config);
-    let request: OpenAiRequest = match read_json(&conn, flavor, body).await {
-        Ok(request) => request,
+    let answer = async {
+        let request: OpenAiRequest = read_json(&conn, flavor, body).await?;
+        if let Some(model) = request.model.as_deref() {
+            if model != served && !conn.config.model_aliases.iter().any(|a| a == model) {
+                return Err(ApiError::new(
+                    flavor,
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!("the model `{model}` does not exist; this daemon serves `{served}`"),
+                )
+                .with_code("model_not_found"));
+            }
+        }
+        let base64 = match request.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    flavor,
+                    format!("encoding_format `{other}` is not supported: use `float` or `base64`"),
+                ))
+            }
+        };
+        let check_dims = |dims: u32| match request.dimensions {
+            Some(asked) if asked != dims => Err(ApiError::invalid(
+                flavor,
+                format!(
+                    "`{served}` is not Matryoshka-trained: it only gives {dims}-dimensional \
+                     embeddings, not {asked}"
+                ),
+            )),
+            _ => Ok(()),
+        };
+        if let Some(dims) = conn.shared.dims(&served) {
+            check_dims(dims)?;
+        }
+        let texts =
+            match inputs_of(&request.input, "input").map_err(|m| ApiError::invalid(flavor, m))? {
+                Inputs::Texts(texts) => texts,
+                Inputs::TokenIds(ids) => openai_ids::decode(ids)
+                    .await
+                    .map_err(|m| ApiError::invalid(flavor, m).with_code("invalid_token_ids"))?,
+            };
+        let (result, timing) = embed(&conn, flavor, &headers, texts).await?;
+        check_dims(result.dims)?;
+        Ok((result, timing, base64))
+    };
+    let (result, timing, base64) = match answer.await {
+        Ok(answer) => answer,
         Err(error) => return error.into_response(),
     };
-    if let Some(model) = request.model.as_deref().filter(|m| *m != served) {
-        return ApiError::new(
-            flavor,
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("the model `{model}` does not exist; this daemon serves `{served}`"),
-        )
-        .with_code("model_not_found")
-        .into_response();
-    }
-    let base64 = match request.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(other) => {
-            return ApiError::invalid(
-                flavor,
-                format!("encoding_format `{other}` is not supported: use `float` or `base64`"),
-            )
-            .into_response()
-        }
-    };
-    let texts = match texts_of(&request.input, "input") {
-        Ok(texts) => texts,
-        Err(Unsupported::TokenIds) => {
-            return ApiError::invalid(
-                flavor,
-                "token id inputs are not supported yet: send the text (for LangChain's \
-                 OpenAIEmbeddings, set check_embedding_ctx_length=False)",
-            )
-            .with_code("unsupported_input")
-            .into_response()
-        }
-        Err(Unsupported::Shape(message)) => {
-            return ApiError::invalid(flavor, message).into_response()
-        }
-    };
-    let check_dims = |dims: u32| match request.dimensions {
-        Some(asked) if asked != dims => Err(ApiError::invalid(
-            flavor,
-            format!(
-                "`{served}` is not Matryoshka-trained: it only gives {dims}-dimensional \
-                 embeddings, not {asked}"
-            ),
-        )),
-        _ => Ok(()),
-    };
-    if let Some(dims) = conn.shared.dims(&served) {
-        if let Err(error) = check_dims(dims) {
-            return error.into_response();
-        }
-    }
-    let result = match embed(&conn, flavor, &headers, texts).await {
-        Ok(result) => result,
-        Err(error) => return error.into_response(),
-    };
-    if let Err(error) = check_dims(result.dims) {
-        return error.into_response();
-    }
-    let tokens: u64 = result.token_counts.iter().map(|&n| u64::from(n)).sum();
+    let tokens = result.token_counts.iter().map(|&n| u64::from(n)).sum();
     let data = result
         .embeddings
         .iter()
@@ -208,7 +223,7 @@ async fn openai_embeddings(State(conn): Conn, headers: HeaderMap, body: Body) ->
             total_tokens: tokens,
         },
     };
-    timed(Json(body).into_response(), started, tokens)
+    timed(Json(body).into_response(), started, tokens, timing)
 }
 
 /// `POST /v1/embeddings` answer. Typed rather than a `json!` value so that
@@ -256,15 +271,20 @@ struct Usage {
 }
 
 async fn openai_models(State(conn): Conn) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": model_name(&conn.config),
+    let served = model_name(&conn.config);
+    let entry = |id: &str| {
+        json!({
+            "id": id,
             "object": "model",
             "created": 0,
             "owned_by": "inferd",
-        }],
-    }))
+        })
+    };
+    let data: Vec<Value> = std::iter::once(served.as_str())
+        .chain(conn.config.model_aliases.iter().map(String::as_str))
+        .map(entry)
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
 }
 
 // ------------------------------------------------------------------- TEI
@@ -286,66 +306,67 @@ struct TeiRequest {
 async fn tei_embed(State(conn): Conn, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let flavor = Flavor::Tei;
-    let request: TeiRequest = match read_json(&conn, flavor, body).await {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
-    let normalize = request.normalize.unwrap_or(true);
-    if !normalize && conn.config.normalize {
-        return ApiError::invalid(
-            flavor,
-            "normalize=false is not supported: the daemon's normalize setting is true",
-        )
-        .into_response();
-    }
-    if let Some(direction) = request.truncation_direction.as_deref() {
-        if !direction.eq_ignore_ascii_case("right") {
-            return ApiError::invalid(
+    let answer = async {
+        let request: TeiRequest = read_json(&conn, flavor, body).await?;
+        let normalize = request.normalize.unwrap_or(true);
+        if !normalize && conn.config.normalize {
+            return Err(ApiError::invalid(
                 flavor,
-                format!("truncation_direction `{direction}` is not supported: only `Right`"),
-            )
-            .into_response();
+                "normalize=false is not supported: the daemon's normalize setting is true",
+            ));
         }
-    }
-    let texts = match texts_of(&request.inputs, "inputs") {
-        Ok(texts) => texts,
-        Err(Unsupported::TokenIds) => {
-            return ApiError::invalid(
+        if let Some(direction) = request.truncation_direction.as_deref() {
+            if !direction.eq_ignore_ascii_case("right") {
+                return Err(ApiError::invalid(
+                    flavor,
+                    format!("truncation_direction `{direction}` is not supported: only `Right`"),
+                ));
+            }
+        }
+        let texts =
+            match inputs_of(&request.inputs, "inputs").map_err(|m| ApiError::invalid(flavor, m))? {
+                Inputs::Texts(texts) => texts,
+                Inputs::TokenIds(_) => {
+                    return Err(ApiError::invalid(
+                        flavor,
+                        "token id inputs are not supported on /embed: send the text",
+                    ))
+                }
+            };
+        let (mut result, timing) = embed(&conn, flavor, &headers, texts).await?;
+        if request.truncate == Some(false) && result.truncated.iter().any(|&cut| cut) {
+            // TEI's answer to an over-long input with truncation off. The
+            // worker only reports that it cut, not the original length.
+            let max = conn.config.max_seq_len;
+            return Err(ApiError::new(
                 flavor,
-                "token id inputs are not supported yet: send the text",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "validation",
+                format!(
+                    "Input validation error: `inputs` must have less than {max} tokens. \
+                     Given: more than {max}"
+                ),
+            ));
+        }
+        if normalize && !conn.config.normalize {
+            for vector in &mut result.embeddings {
+                l2_normalize(vector);
+            }
+        }
+        Ok((result, timing))
+    };
+    match answer.await {
+        Ok((result, timing)) => {
+            let tokens = result.token_counts.iter().map(|&n| u64::from(n)).sum();
+            timed(
+                Json(result.embeddings).into_response(),
+                started,
+                tokens,
+                timing,
             )
-            .into_response()
         }
-        Err(Unsupported::Shape(message)) => {
-            return ApiError::invalid(flavor, message).into_response()
-        }
-    };
-    let mut result = match embed(&conn, flavor, &headers, texts).await {
-        Ok(result) => result,
-        Err(error) => return error.into_response(),
-    };
-    if request.truncate == Some(false) && result.truncated.iter().any(|&cut| cut) {
-        // TEI's answer to an over-long input with truncation off. The
-        // worker only reports that it cut, not the original length.
-        let max = conn.config.max_seq_len;
-        return ApiError::new(
-            flavor,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "validation",
-            format!(
-                "Input validation error: `inputs` must have less than {max} tokens. \
-                 Given: more than {max}"
-            ),
-        )
-        .into_response();
+        Err(error) => error.into_response(),
     }
-    if normalize && !conn.config.normalize {
-        for vector in &mut result.embeddings {
-            l2_normalize(vector);
-        }
-    }
-    let tokens: u64 = result.token_counts.iter().map(|&n| u64::from(n)).sum();
-    timed(Json(result.embeddings).into_response(), started, tokens)
 }
 
 fn l2_normalize(vector: &mut [f32]) {
@@ -398,9 +419,12 @@ async fn health(State(conn): Conn) -> Response {
 }
 
 async fn metrics(State(conn): Conn) -> Response {
-    if let Err(reason) = conn.config.access.control(conn.peer) {
-        let error = RequestError::PermissionDenied { reason };
-        return ApiError::from_request(Flavor::Tei, &error).into_response();
+    // TCP clients reach this only with an API key (see `require_key`).
+    if let Door::Unix(peer) = conn.door {
+        if let Err(reason) = conn.config.access.control(peer) {
+            let error = RequestError::PermissionDenied { reason };
+            return ApiError::from_request(Flavor::Tei, &error).into_response();
+        }
     }
     let (responder, mut answers) = responder(&conn);
     if let Err(mpsc::error::SendError(msg)) = conn.pool.send(PoolMsg::Metrics { responder }).await {
@@ -448,34 +472,49 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|err| ApiError::bad_json(flavor, &err))
 }
 
-/// Why an `input`/`inputs` value cannot be embedded.
-enum Unsupported {
-    /// Token ids (an array of integers, or of such arrays).
-    TokenIds,
-    /// Not a string or an array of strings; the message says what it is.
-    Shape(String),
+/// What an `input`/`inputs` value holds.
+#[derive(Debug, PartialEq)]
+enum Inputs {
+    /// A string or an array of strings.
+    Texts(Vec<String>),
+    /// Token ids: an array of integers (one input), or of such arrays.
+    TokenIds(Vec<Vec<u32>>),
 }
 
-/// The texts of a string or an array of strings.
-fn texts_of(value: &Value, field: &str) -> Result<Vec<String>, Unsupported> {
-    let is_ids =
-        |v: &Value| v.is_u64() || v.as_array().is_some_and(|a| a.iter().all(Value::is_u64));
-    match value {
-        Value::String(text) => Ok(vec![text.clone()]),
-        Value::Array(items) if items.iter().all(Value::is_string) => Ok(items
+/// Reads an `input`/`inputs` value; the error says what it should be.
+fn inputs_of(value: &Value, field: &str) -> Result<Inputs, String> {
+    let shape = || format!("`{field}` must be a string, an array of strings, or token ids");
+    let ids = |items: &[Value]| -> Option<Vec<u32>> {
+        items
             .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect()),
-        Value::Array(items) if !items.is_empty() && items.iter().all(is_ids) => {
-            Err(Unsupported::TokenIds)
+            .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .collect()
+    };
+    match value {
+        Value::String(text) => Ok(Inputs::Texts(vec![text.clone()])),
+        Value::Array(items) if items.iter().all(Value::is_string) => Ok(Inputs::Texts(
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+        )),
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            Ok(Inputs::TokenIds(vec![ids(items).ok_or_else(|| {
+                format!("`{field}`: token ids are whole numbers below 2^32")
+            })?]))
         }
-        Value::Array(_) => Err(Unsupported::Shape(format!(
-            "`{field}` must be a string or an array of strings"
-        ))),
-        other => Err(Unsupported::Shape(format!(
-            "`{field}` must be a string or an array of strings, not {}",
-            json_type(other)
-        ))),
+        Value::Array(items) if items.iter().all(Value::is_array) => items
+            .iter()
+            .map(|item| {
+                let list = item.as_array().map(Vec::as_slice).unwrap_or_default();
+                ids(list).ok_or_else(|| {
+                    format!("`{field}`: each entry must be an array of token ids (whole numbers below 2^32)")
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(Inputs::TokenIds),
+        Value::Array(_) => Err(shape()),
+        other => Err(format!("{}, not {}", shape(), json_type(other))),
     }
 }
 
@@ -527,7 +566,7 @@ async fn embed(
     flavor: Flavor,
     headers: &HeaderMap,
     texts: Vec<String>,
-) -> Result<EmbedResult, ApiError> {
+) -> Result<(EmbedResult, Timing), ApiError> {
     let deadline = match headers.get(TIMEOUT_HEADER) {
         None => None,
         Some(value) => match value
@@ -570,10 +609,10 @@ async fn embed(
     let answer = answers.recv().await;
     abandoned.disarm();
     match answer {
-        Some(ServerMessage::Embeddings { result, .. }) => {
+        Some(ServerMessage::Embeddings { result, timing, .. }) => {
             conn.shared
                 .learn_dims(&model_name(&conn.config), result.dims);
-            Ok(result)
+            Ok((result, timing))
         }
         other => Err(fail(unexpected(other))),
     }
@@ -610,11 +649,16 @@ impl Drop for AbandonGuard<'_> {
     }
 }
 
-/// Adds the timing headers to an embedding answer.
-fn timed(mut response: Response, started: Instant, tokens: u64) -> Response {
-    let total_ms = started.elapsed().as_millis() as u64;
+/// Adds TEI's timing headers (milliseconds) to an embedding answer.
+fn timed(mut response: Response, started: Instant, tokens: u64, timing: Timing) -> Response {
+    let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let headers = response.headers_mut();
     headers.insert("x-total-time", HeaderValue::from(total_ms));
+    headers.insert("x-queue-time", HeaderValue::from(timing.queue_us / 1000));
+    headers.insert(
+        "x-inference-time",
+        HeaderValue::from(timing.inference_us / 1000),
+    );
     headers.insert("x-compute-tokens", HeaderValue::from(tokens));
     response
 }
@@ -624,33 +668,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn inputs_are_strings_or_arrays_of_strings() {
+    fn inputs_are_strings_arrays_of_strings_or_token_ids() {
+        let texts = |v: &[&str]| Ok(Inputs::Texts(v.iter().map(|s| s.to_string()).collect()));
+        assert_eq!(inputs_of(&json!("a"), "input"), texts(&["a"]));
+        assert_eq!(inputs_of(&json!(["a", "b"]), "input"), texts(&["a", "b"]));
         assert_eq!(
-            texts_of(&json!("a"), "input").ok(),
-            Some(vec!["a".to_owned()])
+            inputs_of(&json!([1, 2]), "input"),
+            Ok(Inputs::TokenIds(vec![vec![1, 2]]))
         );
         assert_eq!(
-            texts_of(&json!(["a", "b"]), "input").ok(),
-            Some(vec!["a".to_owned(), "b".to_owned()])
+            inputs_of(&json!([[1, 2], [3], []]), "input"),
+            Ok(Inputs::TokenIds(vec![vec![1, 2], vec![3], vec![]]))
         );
-        assert!(matches!(
-            texts_of(&json!([1, 2]), "input"),
-            Err(Unsupported::TokenIds)
-        ));
-        assert!(matches!(
-            texts_of(&json!([[1, 2], [3]]), "input"),
-            Err(Unsupported::TokenIds)
-        ));
-        match texts_of(&json!(3), "inputs") {
-            Err(Unsupported::Shape(message)) => {
-                assert!(message.contains("not a number"), "{message}")
-            }
-            _ => panic!("a number is not an input"),
+        let message = inputs_of(&json!(3), "inputs").expect_err("a number is not an input");
+        assert!(message.contains("not a number"), "{message}");
+        assert!(inputs_of(&json!(["a", 1]), "input").is_err());
+        for bad in [
+            json!([-1]),
+            json!([1.5]),
+            json!([4_294_967_296u64]),
+            json!([[1], ["a"]]),
+        ] {
+            let message = inputs_of(&bad, "input").expect_err("not token ids");
+            assert!(message.contains("token ids"), "{bad}: {message}");
         }
-        assert!(matches!(
-            texts_of(&json!(["a", 1]), "input"),
-            Err(Unsupported::Shape(_))
-        ));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! (`{"error", "error_type"}`). The status codes follow TEI's router: 422
 //! for a request that fails validation on its routes (OpenAI clients expect
 //! 400), 429 with `Retry-After` when the queue is full, 503 while nothing
-//! can serve, 504 past the deadline.
+//! can serve (with `Retry-After` when the connection caps are reached), 504
+//! past the deadline, 401 for a TCP request without a valid key.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -127,12 +128,29 @@ impl ApiError {
             RequestError::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, kind),
         };
         let mut answer = Self::new(flavor, status, kind, message).with_code(kind);
-        if matches!(error, RequestError::Overloaded { .. }) {
-            // The queue drains in milliseconds to seconds; one second is
-            // what TEI's clients and the openai client's backoff expect.
+        if matches!(
+            error,
+            RequestError::Overloaded { .. } | RequestError::TooManyConnections { .. }
+        ) {
+            // The queue drains, and connections close, in milliseconds to
+            // seconds; one second is what TEI's clients and the openai
+            // client's backoff expect.
             answer.retry_after = Some(1);
         }
         answer
+    }
+
+    /// A TCP request without a valid API key: 401, shaped as OpenAI's own
+    /// (`invalid_api_key`), so its client raises `AuthenticationError`.
+    pub fn unauthorized(flavor: Flavor) -> Self {
+        let message = "missing or invalid API key: send `Authorization: Bearer KEY` with a key \
+                       from the daemon's api_keys_file"
+            .to_owned();
+        let kind = match flavor {
+            Flavor::OpenAi => "invalid_request_error",
+            Flavor::Tei => "unauthorized",
+        };
+        Self::new(flavor, StatusCode::UNAUTHORIZED, kind, message).with_code("invalid_api_key")
     }
 
     /// The JSON body.
@@ -239,8 +257,11 @@ mod tests {
                 .cloned();
             assert_eq!(
                 retry.is_some(),
-                matches!(error, RequestError::Overloaded { .. }),
-                "Retry-After only when overloaded: {error:?}"
+                matches!(
+                    error,
+                    RequestError::Overloaded { .. } | RequestError::TooManyConnections { .. }
+                ),
+                "Retry-After only where waiting helps: {error:?}"
             );
         }
         assert_eq!(

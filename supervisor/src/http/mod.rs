@@ -13,6 +13,13 @@
 //! arrived, not before; native clients send their hello without waiting for
 //! ours.
 //!
+//! An optional TCP listener (`http_listen`) serves the same API: its
+//! connections are admitted under the same connection caps, all of them
+//! together as one tenant ([`Tenant::Tcp`]), and when `api_keys_file` is
+//! set every route but `/health` needs a key ([`auth`]). A refused
+//! connection (caps, access policy) that speaks HTTP gets an HTTP answer
+//! ([`refusal`]), 503 with `Retry-After` or 403, not the native frame.
+//!
 //! [`serve`] runs hyper's HTTP/1.1 server on the connection with axum
 //! routing ([`api`]). Every embedding route translates into the same
 //! [`PoolMsg::Embed`] a native request becomes, with the connection's
@@ -28,26 +35,33 @@
 //! [`Responder`]: crate::request::Responder
 
 mod api;
+pub mod auth;
 pub mod error;
+mod openai_ids;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::Interest;
-use tokio::net::UnixStream;
+use inferd_proto::RequestError;
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info_span, warn, Instrument};
 
 use crate::access::Peer;
 use crate::config::Config;
-use crate::connections::ConnectionPermit;
+use crate::connections::{ConnectionLimits, ConnectionPermit};
 use crate::pool::PoolMsg;
-use crate::request::ClientKey;
+use crate::request::{ClientKey, Tenant};
+
+use self::auth::ApiKeys;
 
 /// A request head (or, between requests of a keep-alive connection, the
 /// next one) must arrive within this long, or the connection is closed.
@@ -111,8 +125,8 @@ pub async fn sniff(stream: &UnixStream) -> std::io::Result<Protocol> {
     }
 }
 
-/// `recv(MSG_PEEK)` of up to `buf.len()` bytes.
-fn peek(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
+/// `recv(MSG_PEEK)` of up to `buf.len()` bytes, without waiting.
+pub fn peek(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
     // SAFETY: `buf` is valid for `buf.len()` bytes of writes, and the fd is
     // owned by `stream`, alive for the call.
     let n = unsafe {
@@ -150,15 +164,38 @@ pub struct HttpShared {
     /// (the supervisor never loads the model), with the model name it was
     /// learnt for: a reload may change the model.
     dims: Mutex<Option<(String, u32)>>,
+    /// Keys TCP clients must present (`api_keys_file`); replaced on reload,
+    /// and read per request, so a revoked key stops working at once even on
+    /// an open keep-alive connection.
+    api_keys: RwLock<ApiKeys>,
 }
 
 impl HttpShared {
-    /// Shared state whose request bodies draw on `read_budget`.
-    pub fn new(read_budget: Arc<Semaphore>) -> Self {
+    /// Shared state whose request bodies draw on `read_budget`, with the
+    /// TCP listener's keys.
+    pub fn new(read_budget: Arc<Semaphore>, api_keys: ApiKeys) -> Self {
         Self {
             read_budget: Some(read_budget),
+            api_keys: RwLock::new(api_keys),
             ..Self::default()
         }
+    }
+
+    /// Replaces the TCP listener's keys (SIGHUP).
+    pub fn set_api_keys(&self, keys: ApiKeys) {
+        *self.api_keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
+    /// True when TCP clients need a key and `presented` (an `Authorization`
+    /// header's value) carries none of them.
+    fn refuses_key(&self, presented: Option<&[u8]>) -> bool {
+        let keys = self.api_keys.read().unwrap_or_else(|p| p.into_inner());
+        if keys.is_empty() {
+            return false;
+        }
+        !presented
+            .and_then(auth::bearer)
+            .is_some_and(|key| keys.accepts(key))
     }
 
     /// Permits for a body of `len` bytes (`None`: unknown, chunked), held
@@ -194,13 +231,24 @@ impl HttpShared {
     }
 }
 
+/// Which listener a connection came in by, which decides what it must show.
+#[derive(Debug, Clone, Copy)]
+pub enum Door {
+    /// The Unix socket: the peer's credentials were checked when it was
+    /// accepted; `/metrics`, a control operation, checks them again.
+    Unix(Peer),
+    /// The TCP listener: every route but `/health` needs an API key when
+    /// keys are configured.
+    Tcp,
+}
+
 /// What the handlers of one HTTP connection share.
 #[derive(Debug)]
 struct ConnState {
     /// The configuration the connection was accepted with.
     config: Arc<Config>,
-    /// The peer's credentials (for `/metrics`, a control operation).
-    peer: Peer,
+    /// How the connection came in.
+    door: Door,
     /// The connection, as the fair queue knows it.
     client: ClientKey,
     /// Places in the channel to the pool (see [`crate::server`]); HTTP/1.1
@@ -233,19 +281,25 @@ pub struct HttpContext {
 /// Serves HTTP/1.1 on an admitted connection until the client closes it,
 /// it idles past [`HEADER_READ_TIMEOUT`], or the daemon shuts down (after
 /// the request in progress is answered).
-pub async fn serve(
-    stream: UnixStream,
-    peer: Peer,
+pub async fn serve<S>(
+    stream: S,
+    door: Door,
     conn_id: u64,
     _permit: ConnectionPermit,
     cx: HttpContext,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let shutdown = cx.shutdown.clone();
+    let tenant = match door {
+        Door::Unix(peer) => Tenant::Uid(peer.uid),
+        Door::Tcp => Tenant::Tcp,
+    };
     let state = Arc::new(ConnState {
         config: cx.config,
-        peer,
+        door,
         client: ClientKey {
-            uid: peer.uid,
+            tenant,
             conn: conn_id,
         },
         in_transit: Arc::new(Semaphore::new(cx.in_transit)),
@@ -276,6 +330,101 @@ pub async fn serve(
         // already answered what it could (400, 408, 431).
         Err(err) => debug!(error = %err, "HTTP connection ended"),
     }
+}
+
+/// Everything a connection of the TCP listener needs besides its socket.
+pub struct TcpContext {
+    /// The connection caps (TCP clients are one tenant under them).
+    pub limits: Arc<ConnectionLimits>,
+    /// Refused peers allowed to linger at once (see [`crate::server`]).
+    pub lingering: Arc<Semaphore>,
+    /// What an admitted connection is served with.
+    pub http: HttpContext,
+}
+
+/// Serves one connection of the TCP listener (`http_listen`): admitted
+/// under the connection caps as [`Tenant::Tcp`] and served like an HTTP
+/// client of the Unix socket, or refused with an HTTP answer.
+pub async fn serve_tcp(stream: TcpStream, remote: SocketAddr, conn_id: u64, cx: TcpContext) {
+    let span = info_span!("conn", conn_id, %remote);
+    async move {
+        let permit = match cx.limits.try_admit(Tenant::Tcp) {
+            Ok(permit) => permit,
+            Err(error) => {
+                warn!(%error, "refusing TCP connection");
+                refuse_tcp(stream, &error, &cx.lingering).await;
+                return;
+            }
+        };
+        // Answers are small and written whole: send them at once.
+        if let Err(err) = stream.set_nodelay(true) {
+            debug!(error = %err, "cannot set TCP_NODELAY");
+        }
+        serve(stream, Door::Tcp, conn_id, permit, cx.http).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Answers a refused TCP client in HTTP and, with a lingering slot free,
+/// reads (at most a few KiB of) what it sent before closing: closing with
+/// unread bytes would reset the connection, and the client could lose the
+/// answer.
+async fn refuse_tcp(mut stream: TcpStream, error: &RequestError, lingering: &Semaphore) {
+    let Ok(_slot) = lingering.try_acquire() else {
+        let _ = stream.try_write(&refusal(error, false));
+        return;
+    };
+    let _ = tokio::time::timeout(crate::server::REFUSAL_LINGER, async {
+        let mut head = [0u8; 64];
+        let n = stream.peek(&mut head).await?;
+        stream
+            .write_all(&refusal(error, is_openai_path(&head[..n])))
+            .await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 512];
+        let mut read = 0;
+        while read < crate::server::REFUSAL_READ_LIMIT {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
+
+/// The whole HTTP answer to a connection refused before it was served
+/// (connection caps, access policy), closing it. `openai` picks the body
+/// shape of the `/v1/*` routes.
+pub fn refusal(error: &RequestError, openai: bool) -> Vec<u8> {
+    let flavor = if openai {
+        error::Flavor::OpenAi
+    } else {
+        error::Flavor::Tei
+    };
+    let api_error = error::ApiError::from_request(flavor, error);
+    let status = api_error.status;
+    let body = api_error.body().to_string();
+    let retry_after = api_error
+        .retry_after
+        .map(|seconds| format!("Retry-After: {seconds}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{retry_after}Connection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// True when a request's first bytes name a `/v1/` path (OpenAI's routes).
+pub fn is_openai_path(head: &[u8]) -> bool {
+    head.split(|b| *b == b' ')
+        .nth(1)
+        .is_some_and(|path| path.starts_with(b"/v1/"))
 }
 
 #[cfg(test)]
