@@ -364,16 +364,38 @@ async fn errors_have_the_shape_and_status_of_their_route() {
         "{body}"
     );
 
-    let many = post(socket, "/v1/embeddings", &json!({"input": ["a", "b", "c"]}));
-    let err = many.openai_error(400);
+    // More inputs than max_texts: OpenAI's route runs them in parts (as
+    // LangChain sends up to 1000 at once), in order; TEI's refuses them.
+    let texts = ["a", "b", "c", "d", "e"];
+    let many = post(socket, "/v1/embeddings", &json!({"input": texts}));
+    assert_eq!(many.status, 200, "{many:?}");
+    let data = many.json()["data"].clone();
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(data[i]["index"], i);
+        let alone = post(socket, "/v1/embeddings", &json!({"input": text})).json();
+        let diff = max_abs_diff(
+            &vector_of(&data[i]["embedding"]),
+            &vector_of(&alone["data"][0]["embedding"]),
+        );
+        assert!(diff <= TOLERANCE, "input {i} out of place: {diff}");
+    }
+    let too_many = vec!["a"; 2049];
+    let err = post(socket, "/v1/embeddings", &json!({"input": too_many})).openai_error(400);
     assert!(
         err["message"]
             .as_str()
             .unwrap_or_default()
-            .contains("limit is 2"),
+            .contains("limit is 2048"),
         "{err}"
     );
-    post(socket, "/embed", &json!({"inputs": ["a", "b", "c"]})).tei_error(422);
+    let body = post(socket, "/embed", &json!({"inputs": ["a", "b", "c"]})).tei_error(422);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("limit is 2"),
+        "{body}"
+    );
 
     let ids = post(
         socket,

@@ -190,7 +190,7 @@ async fn openai_embeddings(State(conn): Conn, headers: HeaderMap, body: Body) ->
                     .await
                     .map_err(|m| ApiError::invalid(flavor, m).with_code("invalid_token_ids"))?,
             };
-        let (result, timing) = embed(&conn, flavor, &headers, texts).await?;
+        let (result, timing) = embed_in_parts(&conn, flavor, &headers, texts).await?;
         check_dims(result.dims)?;
         Ok((result, timing, base64))
     };
@@ -557,6 +557,78 @@ async fn status(conn: &ConnState) -> Result<PoolStatus, RequestError> {
         Some(ServerMessage::Status { status, .. }) => Ok(*status),
         other => Err(unexpected(other)),
     }
+}
+
+/// Most inputs of one `/v1/embeddings` request, as OpenAI allows.
+const OPENAI_MAX_INPUTS: usize = 2048;
+
+/// Runs an OpenAI request's `texts` through the pool in requests of at most
+/// `max_texts` each, run side by side, and joins the answers in order.
+/// LangChain's `OpenAIEmbeddings` sends up to 1000 inputs at a time by
+/// default; OpenAI takes 2048. The parts are ordinary pool requests of this
+/// connection (its lane of the fair queue, its in-transit places), so
+/// nothing is queued anywhere but in the pool; the first part that fails
+/// fails the whole request, and the others are dropped (their handlers
+/// abort, which tells the pool).
+async fn embed_in_parts(
+    conn: &Arc<ConnState>,
+    flavor: Flavor,
+    headers: &HeaderMap,
+    texts: Vec<String>,
+) -> Result<(EmbedResult, Timing), ApiError> {
+    let part_len = conn.config.max_texts.max(1);
+    if texts.len() <= part_len {
+        return embed(conn, flavor, headers, texts).await;
+    }
+    if texts.len() > OPENAI_MAX_INPUTS {
+        return Err(ApiError::invalid(
+            flavor,
+            format!(
+                "{} inputs in one request; the limit is {OPENAI_MAX_INPUTS}",
+                texts.len()
+            ),
+        ));
+    }
+    let mut parts = tokio::task::JoinSet::new();
+    let mut texts = texts.into_iter();
+    let mut index = 0;
+    loop {
+        let part: Vec<String> = texts.by_ref().take(part_len).collect();
+        if part.is_empty() {
+            break;
+        }
+        let (conn, headers) = (Arc::clone(conn), headers.clone());
+        parts.spawn(async move { (index, embed(&conn, flavor, &headers, part).await) });
+        index += 1;
+    }
+    let mut answers = Vec::with_capacity(index);
+    while let Some(joined) = parts.join_next().await {
+        let (index, answer) = joined.map_err(|err| {
+            ApiError::from_request(
+                flavor,
+                &RequestError::Internal {
+                    message: format!("a part of the request failed: {err}"),
+                },
+            )
+        })?;
+        answers.push((index, answer?));
+    }
+    answers.sort_by_key(|(index, _)| *index);
+    let mut joined: Option<(EmbedResult, Timing)> = None;
+    for (_, (result, timing)) in answers {
+        match &mut joined {
+            None => joined = Some((result, timing)),
+            Some((all, total)) => {
+                all.embeddings.extend(result.embeddings);
+                all.truncated.extend(result.truncated);
+                all.token_counts.extend(result.token_counts);
+                // The parts ran side by side: the slowest says how long.
+                total.queue_us = total.queue_us.max(timing.queue_us);
+                total.inference_us = total.inference_us.max(timing.inference_us);
+            }
+        }
+    }
+    joined.ok_or_else(|| ApiError::invalid(flavor, "no inputs"))
 }
 
 /// Runs `texts` through the pool as one embed request, as a native
