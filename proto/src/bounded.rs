@@ -118,6 +118,20 @@ pub(crate) fn embeddings<'de, D: Deserializer<'de>>(
     Ok(vectors.into_iter().map(|vector| vector.0).collect())
 }
 
+/// The tokens of a tokenize result: at most [`MAX_TEXTS_PER_REQUEST`]
+/// lists, each read with [`vec`].
+pub(crate) fn tokens<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<Vec<crate::Token>>, D::Error> {
+    /// One text's tokens, so that the inner lists get the bounded visitor too.
+    #[derive(serde::Deserialize)]
+    #[serde(transparent)]
+    struct Tokens(#[serde(deserialize_with = "vec")] Vec<crate::Token>);
+
+    let lists: Vec<Tokens> = per_text(deserializer)?;
+    Ok(lists.into_iter().map(|list| list.0).collect())
+}
+
 /// Any other sequence: no cap on the count (the frame size bounds it), only
 /// on the preallocation.
 pub(crate) fn vec<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>

@@ -53,6 +53,17 @@ pub enum ClientMessage {
         /// [`RequestError::Timeout`]. `None` uses the daemon's default.
         deadline_ms: Option<u64>,
     },
+    /// Tokenize `texts` with the model's tokenizer, as an embed request
+    /// would (special tokens added, cut at `max_seq_len`).
+    Tokenize {
+        /// Client-chosen id, echoed in the answer.
+        id: u64,
+        /// The texts; at most [`MAX_TEXTS_PER_REQUEST`], as for `Embed`.
+        #[serde(deserialize_with = "bounded::texts")]
+        texts: Vec<String>,
+        /// As for `Embed`.
+        deadline_ms: Option<u64>,
+    },
     /// Report the pool's state.
     Status {
         /// Client-chosen id, echoed in the answer.
@@ -76,6 +87,7 @@ impl ClientMessage {
     pub fn id(&self) -> u64 {
         match self {
             Self::Embed { id, .. }
+            | Self::Tokenize { id, .. }
             | Self::Status { id }
             | Self::Roll { id }
             | Self::Metrics { id } => *id,
@@ -98,6 +110,15 @@ pub enum ServerMessage {
         id: u64,
         /// The result.
         result: EmbedResult,
+        /// Where the request's time went.
+        timing: Timing,
+    },
+    /// Answer to a successful [`ClientMessage::Tokenize`].
+    Tokens {
+        /// The request's id.
+        id: u64,
+        /// The tokens.
+        result: TokenizeResult,
         /// Where the request's time went.
         timing: Timing,
     },
@@ -145,6 +166,7 @@ impl ServerMessage {
     pub fn id(&self) -> Option<u64> {
         match self {
             Self::Embeddings { id, .. }
+            | Self::Tokens { id, .. }
             | Self::Status { id, .. }
             | Self::Rolled { id, .. }
             | Self::Metrics { id, .. }
@@ -152,6 +174,29 @@ impl ServerMessage {
             Self::Refused { .. } => None,
         }
     }
+}
+
+/// One token of a tokenized text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// Its id in the model's vocabulary.
+    pub id: u32,
+    /// The text it covers (for a special token, the token itself).
+    pub text: String,
+    /// Added by the tokenizer (`[CLS]`, `[SEP]`), not from the text.
+    pub special: bool,
+    /// Byte offset of its start in the text; `None` for a special token.
+    pub start: Option<u32>,
+    /// Byte offset just past its end; `None` for a special token.
+    pub stop: Option<u32>,
+}
+
+/// Tokens for one tokenize request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizeResult {
+    /// One list per input text, in order.
+    #[serde(deserialize_with = "bounded::tokens")]
+    pub tokens: Vec<Vec<Token>>,
 }
 
 /// Where an answered request's time went, as the supervisor measured it.
@@ -479,6 +524,14 @@ pub enum WorkerCommand {
         #[serde(deserialize_with = "bounded::shared_texts")]
         texts: Arc<[String]>,
     },
+    /// Tokenize one batch, as `Embed` would before running the model.
+    Tokenize {
+        /// Supervisor-internal request id, echoed back.
+        request_id: u64,
+        /// The texts, as for `Embed`.
+        #[serde(deserialize_with = "bounded::shared_texts")]
+        texts: Arc<[String]>,
+    },
     /// Finish and exit 0.
     Shutdown,
 }
@@ -506,6 +559,13 @@ pub enum WorkerEvent {
         request_id: u64,
         /// The result.
         result: EmbedResult,
+    },
+    /// Answer to [`WorkerCommand::Tokenize`].
+    Tokenized {
+        /// The request id.
+        request_id: u64,
+        /// The tokens.
+        result: TokenizeResult,
     },
     /// The worker refused or failed one request; it keeps running.
     Rejected {

@@ -32,7 +32,8 @@ use bytes::BytesMut;
 use inferd_proto::{
     decode_payload, encode_frame, ChaosOptions, ClientMessage, Counters, EmbedResult, ExitRecord,
     FrameDecoder, Hello, PoolStatus, ProtoError, RequestError, RequestLimits, ServerMessage,
-    Timing, WorkerCommand, WorkerConfig, WorkerEvent, WorkerStatus, MAX_TEXTS_PER_REQUEST,
+    Timing, Token, TokenizeResult, WorkerCommand, WorkerConfig, WorkerEvent, WorkerStatus,
+    MAX_TEXTS_PER_REQUEST,
 };
 use serde::de::DeserializeOwned;
 
@@ -347,8 +348,13 @@ fn valid_payload(rng: &mut Rng, kind: Kind) -> Vec<u8> {
             protocol_version: rng.int() as u32,
             software: rng.string(),
         }),
-        Kind::Client => encode_frame(&match rng.below(4) {
+        Kind::Client => encode_frame(&match rng.below(5) {
             0 => ClientMessage::Embed {
+                id: rng.int(),
+                texts: texts(rng),
+                deadline_ms: rng.option(Rng::int),
+            },
+            4 => ClientMessage::Tokenize {
                 id: rng.int(),
                 texts: texts(rng),
                 deadline_ms: rng.option(Rng::int),
@@ -357,7 +363,12 @@ fn valid_payload(rng: &mut Rng, kind: Kind) -> Vec<u8> {
             2 => ClientMessage::Roll { id: rng.int() },
             _ => ClientMessage::Metrics { id: rng.int() },
         }),
-        Kind::Server => encode_frame(&match rng.below(6) {
+        Kind::Server => encode_frame(&match rng.below(7) {
+            6 => ServerMessage::Tokens {
+                id: rng.int(),
+                result: tokenize_result(rng),
+                timing: Timing::default(),
+            },
             0 => ServerMessage::Embeddings {
                 id: rng.int(),
                 result: embed_result(rng),
@@ -386,7 +397,11 @@ fn valid_payload(rng: &mut Rng, kind: Kind) -> Vec<u8> {
                 error: request_error(rng),
             },
         }),
-        Kind::Command => encode_frame(&match rng.below(3) {
+        Kind::Command => encode_frame(&match rng.below(4) {
+            3 => WorkerCommand::Tokenize {
+                request_id: rng.int(),
+                texts: texts(rng).into(),
+            },
             0 => WorkerCommand::Start(WorkerConfig {
                 worker_id: rng.int(),
                 model_path: rng.string().into(),
@@ -409,7 +424,11 @@ fn valid_payload(rng: &mut Rng, kind: Kind) -> Vec<u8> {
             },
             _ => WorkerCommand::Shutdown,
         }),
-        Kind::Event => encode_frame(&match rng.below(4) {
+        Kind::Event => encode_frame(&match rng.below(5) {
+            4 => WorkerEvent::Tokenized {
+                request_id: rng.int(),
+                result: tokenize_result(rng),
+            },
             0 => WorkerEvent::Ready {
                 model: rng.string(),
                 dims: rng.int() as u32,
@@ -429,6 +448,26 @@ fn valid_payload(rng: &mut Rng, kind: Kind) -> Vec<u8> {
         }),
     };
     frame.expect("a valid message encodes")[4..].to_vec()
+}
+
+/// Random token lists, one per (random) text.
+fn tokenize_result(rng: &mut Rng) -> TokenizeResult {
+    let lists = rng.below(4);
+    TokenizeResult {
+        tokens: (0..lists)
+            .map(|_| {
+                (0..rng.below(6))
+                    .map(|_| Token {
+                        id: rng.int() as u32,
+                        text: rng.string(),
+                        special: rng.one_in(2),
+                        start: rng.option(|r| r.int() as u32),
+                        stop: rng.option(|r| r.int() as u32),
+                    })
+                    .collect()
+            })
+            .collect(),
+    }
 }
 
 /// Bytes that make decoders take unusual paths: varint markers (0xfb u16,

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inferd_proto::{
-    Counters, EmbedResult, ExitRecord, PoolStatus, RequestError, WorkerConfig, WorkerEvent,
-    WorkerStatus,
+    Counters, ExitRecord, PoolStatus, RequestError, WorkerConfig, WorkerEvent, WorkerStatus,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -32,7 +31,7 @@ use crate::notify::Notifier;
 use crate::policy::{RecyclePolicy, RestartPacer, Verdict, WorkerFacts};
 use crate::process::{self, KillReason, OomEvidence, RetireReason, WorkerEnd};
 use crate::queue::{FairQueue, Measure};
-use crate::request::{ClientKey, Request, Responder};
+use crate::request::{ClientKey, Outcome, Request, Responder, Task};
 use crate::worker::{IoEvent, Worker, WorkerState};
 
 /// How often deadlines, stuck workers and missed reaps are checked.
@@ -53,10 +52,12 @@ const UNAVAILABLE_AFTER: u32 = 3;
 /// A message from a client connection to the pool.
 #[derive(Debug)]
 pub enum PoolMsg {
-    /// Embed `texts`.
+    /// Embed `texts`, or tokenize them (`task`).
     Embed {
         /// Who asks (the queue takes turns between clients).
         client: ClientKey,
+        /// What is asked for the texts.
+        task: Task,
         /// The texts.
         texts: Arc<[String]>,
         /// Client deadline, relative to arrival.
@@ -265,13 +266,14 @@ impl Pool {
             }
             PoolMsg::Embed {
                 client,
+                task,
                 texts,
                 deadline,
                 responder,
                 ticket,
             } => {
                 drop(ticket);
-                self.accept(client, texts, deadline, responder, now)
+                self.accept(client, task, texts, deadline, responder, now)
             }
             PoolMsg::Disconnected { conn } => {
                 for request in self.queue.remove_connection(conn) {
@@ -357,6 +359,7 @@ impl Pool {
     fn accept(
         &mut self,
         client: ClientKey,
+        task: Task,
         texts: Arc<[String]>,
         deadline: Option<Duration>,
         responder: Responder,
@@ -380,6 +383,7 @@ impl Pool {
         let request = Request::new(
             self.next_request_id,
             client,
+            task,
             texts,
             now,
             deadline,
@@ -523,7 +527,10 @@ impl Pool {
                 worker.load_error = Some(reason);
             }
             IoEvent::Event(WorkerEvent::Embedded { request_id, result }) => {
-                self.complete(worker_id, request_id, Ok(result), now);
+                self.complete(worker_id, request_id, Ok(Outcome::Embedded(result)), now);
+            }
+            IoEvent::Event(WorkerEvent::Tokenized { request_id, result }) => {
+                self.complete(worker_id, request_id, Ok(Outcome::Tokenized(result)), now);
             }
             IoEvent::Event(WorkerEvent::Rejected { request_id, error }) => {
                 self.complete(worker_id, request_id, Err(error), now);
@@ -556,7 +563,7 @@ impl Pool {
         &mut self,
         worker_id: u64,
         request_id: u64,
-        result: Result<EmbedResult, RequestError>,
+        result: Result<Outcome, RequestError>,
         now: Instant,
     ) {
         let Some(worker) = self.workers.get_mut(&worker_id) else {
@@ -1136,12 +1143,7 @@ impl Pool {
     }
 
     /// Sends the one answer for `request` and counts it.
-    fn finish(
-        &mut self,
-        request: Request,
-        result: Result<EmbedResult, RequestError>,
-        now: Instant,
-    ) {
+    fn finish(&mut self, request: Request, result: Result<Outcome, RequestError>, now: Instant) {
         match &result {
             Ok(_) => self.counters.requests_ok += 1,
             Err(err) => self.count_failure(err),
@@ -1153,9 +1155,9 @@ impl Pool {
             "answered"
         );
         match result {
-            Ok(result) => {
+            Ok(outcome) => {
                 let timing = request.timing(now);
-                request.responder.embedded(result, timing);
+                request.responder.answer(outcome, timing);
             }
             Err(error) => request.responder.fail(error),
         }

@@ -295,6 +295,7 @@ mod tests {
                 tenant: Tenant::Uid(uid),
                 conn,
             },
+            crate::request::Task::Embed,
             Arc::from(vec![text.to_owned()]),
             now,
             now,

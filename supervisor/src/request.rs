@@ -3,7 +3,7 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use inferd_proto::{EmbedResult, PoolStatus, RequestError, ServerMessage, Timing};
+use inferd_proto::{EmbedResult, PoolStatus, RequestError, ServerMessage, Timing, TokenizeResult};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::error;
@@ -36,10 +36,13 @@ impl Responder {
         self.tx.as_ref().is_none_or(|tx| tx.is_closed())
     }
 
-    /// Answers an embed request with its vectors.
-    pub fn embedded(self, result: EmbedResult, timing: Timing) {
+    /// Answers an embed or tokenize request with what the worker made.
+    pub fn answer(self, outcome: Outcome, timing: Timing) {
         let id = self.id;
-        self.send(ServerMessage::Embeddings { id, result, timing });
+        self.send(match outcome {
+            Outcome::Embedded(result) => ServerMessage::Embeddings { id, result, timing },
+            Outcome::Tokenized(result) => ServerMessage::Tokens { id, result, timing },
+        });
     }
 
     /// Answers any request with an error.
@@ -130,13 +133,34 @@ pub struct ClientKey {
     pub conn: u64,
 }
 
-/// An accepted embed request, owned by the queue or by the worker running it.
+/// What a request asks a worker for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Vectors for the texts.
+    Embed,
+    /// The texts' tokens, as embedding them would see them.
+    Tokenize,
+}
+
+/// A worker's answer to a request, by [`Task`].
+#[derive(Debug)]
+pub enum Outcome {
+    /// Answer to [`Task::Embed`].
+    Embedded(EmbedResult),
+    /// Answer to [`Task::Tokenize`].
+    Tokenized(TokenizeResult),
+}
+
+/// An accepted request (embed or tokenize), owned by the queue or by the
+/// worker running it.
 #[derive(Debug)]
 pub struct Request {
     /// Supervisor-wide id (the client's own id is inside the responder).
     pub id: u64,
     /// Who sent it.
     pub client: ClientKey,
+    /// What it asks for.
+    pub task: Task,
     /// The texts, kept until answered so the request can be re-dispatched;
     /// shared with the worker command, never copied per dispatch.
     pub texts: Arc<[String]>,
@@ -161,6 +185,7 @@ impl Request {
     pub fn new(
         id: u64,
         client: ClientKey,
+        task: Task,
         texts: Arc<[String]>,
         now: Instant,
         deadline: Instant,
@@ -171,6 +196,7 @@ impl Request {
         Self {
             id,
             client,
+            task,
             bytes: texts.iter().map(|t| t.len() as u64).sum(),
             texts,
             fingerprint: hasher.finish(),

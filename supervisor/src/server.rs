@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::connections::{ConnectionLimits, ConnectionPermit, REFUSED_PERMISSION};
 use crate::http::{self, HttpShared, Protocol};
 use crate::pool::PoolMsg;
-use crate::request::{ClientKey, Responder, Tenant};
+use crate::request::{ClientKey, Responder, Task, Tenant};
 
 /// A refused peer gets this long to read the refusal before the connection
 /// closes (closing while its hello is unread would turn our last frames into
@@ -302,8 +302,15 @@ async fn submit(
     pool: &mpsc::Sender<PoolMsg>,
     shutdown: &CancellationToken,
 ) {
+    let task = match message {
+        ClientMessage::Tokenize { .. } => Task::Tokenize,
+        _ => Task::Embed,
+    };
     let msg = match message {
         ClientMessage::Embed {
+            texts, deadline_ms, ..
+        }
+        | ClientMessage::Tokenize {
             texts, deadline_ms, ..
         } => {
             if shutdown.is_cancelled() {
@@ -318,6 +325,7 @@ async fn submit(
             PoolMsg::Embed {
                 ticket,
                 client,
+                task,
                 texts: Arc::from(texts),
                 deadline: deadline_ms.map(Duration::from_millis),
                 responder,

@@ -23,7 +23,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use crate::cgroup::Leaf;
 use crate::memory::MemoryUsage;
 use crate::process::{self, Intent, KillReason, ProcessError, RetireReason, SpawnedWorker};
-use crate::request::Request;
+use crate::request::{Request, Task};
 
 /// Something from a worker's socket, tagged with the worker id by the sender.
 #[derive(Debug)]
@@ -246,9 +246,10 @@ impl Worker {
         }
         request.dispatched = Some(now);
         // The request keeps its texts for a retry; the command shares them.
-        let command = WorkerCommand::Embed {
-            request_id: request.id,
-            texts: Arc::clone(&request.texts),
+        let (request_id, texts) = (request.id, Arc::clone(&request.texts));
+        let command = match request.task {
+            Task::Embed => WorkerCommand::Embed { request_id, texts },
+            Task::Tokenize => WorkerCommand::Tokenize { request_id, texts },
         };
         if self.commands.send(command).is_err() {
             self.state = WorkerState::Lost { since: now };

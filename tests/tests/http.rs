@@ -978,3 +978,47 @@ async fn refused_http_clients_get_an_http_answer() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn tokenize_shows_the_model_tokenizer_at_work() {
+    let reference = reference();
+    let daemon = Daemon::start(DaemonConfig::new().max_seq_len(reference.max_seq_len)).await;
+    let socket = daemon.socket_path();
+    let answer = post(socket, "/tokenize", &json!({"inputs": "Hello world"}));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let tokens = answer.json();
+    let expected = json!([[
+        {"id": 101, "text": "[CLS]", "special": true, "start": null, "stop": null},
+        {"id": 7592, "text": "Hello", "special": false, "start": 0, "stop": 5},
+        {"id": 2088, "text": "world", "special": false, "start": 6, "stop": 11},
+        {"id": 102, "text": "[SEP]", "special": true, "start": null, "stop": null},
+    ]]);
+    assert_eq!(tokens, expected);
+    let plain = post(
+        socket,
+        "/tokenize",
+        &json!({"inputs": ["Hello world"], "add_special_tokens": false}),
+    )
+    .json();
+    assert_eq!(plain[0].as_array().map(Vec::len), Some(2), "{plain}");
+    // As many tokens as the model ran for each fixture text (cut at max_seq_len).
+    let want = reference.model(&test_model_name());
+    let texts: Vec<&str> = want.embeddings.iter().map(|e| e.text.as_str()).collect();
+    let lists = post(socket, "/tokenize", &json!({"inputs": texts})).json();
+    for (i, expected) in want.embeddings.iter().enumerate() {
+        assert_eq!(
+            lists[i].as_array().map(Vec::len),
+            Some(expected.token_count as usize),
+            "text {i}"
+        );
+    }
+    post(socket, "/tokenize", &json!({"inputs": [[1, 2]]})).tei_error(422);
+    // The native protocol has the same operation.
+    let mut client = daemon.client().await;
+    let native = client
+        .tokenize(vec!["Hello world".into()], None)
+        .await
+        .expect("tokenize");
+    let ids: Vec<u32> = native.tokens[0].iter().map(|t| t.id).collect();
+    assert_eq!(ids, [101, 7592, 2088, 102]);
+}

@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use inferd_engine::{Engine, EngineConfig};
 use inferd_proto::{
-    error_chain, ChaosOptions, Connection, EmbedResult, ProtoError, RequestError, WorkerCommand,
-    WorkerConfig, WorkerEvent, DEFAULT_MAX_FRAME_BYTES,
+    error_chain, ChaosOptions, Connection, EmbedResult, ProtoError, RequestError, Token,
+    TokenizeResult, WorkerCommand, WorkerConfig, WorkerEvent, DEFAULT_MAX_FRAME_BYTES,
 };
 use tokio::net::UnixStream;
 use tracing::{debug, error, info, info_span, Instrument};
@@ -132,6 +132,10 @@ async fn serve_started(
                 let event = embed(&engine, &config, request_id, &texts, &mut leaked);
                 conn.send(&event).await.map_err(WorkerError::SendEvent)?;
             }
+            Some(WorkerCommand::Tokenize { request_id, texts }) => {
+                let event = tokenize(&engine, &config, request_id, &texts, &mut leaked);
+                conn.send(&event).await.map_err(WorkerError::SendEvent)?;
+            }
             Some(WorkerCommand::Shutdown) => {
                 info!("shutdown requested");
                 return Ok(());
@@ -142,7 +146,7 @@ async fn serve_started(
             }
             Some(other @ WorkerCommand::Start(_)) => {
                 return Err(WorkerError::UnexpectedCommand {
-                    expected: "Embed or Shutdown",
+                    expected: "Embed, Tokenize or Shutdown",
                     received: format!("{other:?}"),
                 })
             }
@@ -203,6 +207,72 @@ fn embed(
 
 /// Test-only behaviours, off unless the supervisor's config enables them.
 /// `leaked` holds the simulated leak for the life of the process.
+/// Tokenizes one request as `embed` would; failures become `Rejected`.
+fn tokenize(
+    engine: &Engine,
+    config: &WorkerConfig,
+    request_id: u64,
+    texts: &[String],
+    leaked: &mut Vec<Vec<u8>>,
+) -> WorkerEvent {
+    apply_chaos(&config.chaos, texts, leaked);
+    if let Err(error) = config.limits.check(texts) {
+        return WorkerEvent::Rejected { request_id, error };
+    }
+    let tokens: Result<Vec<Vec<Token>>, _> = texts
+        .iter()
+        .map(|text| {
+            engine
+                .tokenize(text)
+                .map(|encoding| tokens_of(text, &encoding))
+        })
+        .collect();
+    match tokens {
+        Ok(tokens) => WorkerEvent::Tokenized {
+            request_id,
+            result: TokenizeResult { tokens },
+        },
+        Err(err) => WorkerEvent::Rejected {
+            request_id,
+            error: RequestError::Internal {
+                message: format!("tokenization failed: {}", error_chain(&err)),
+            },
+        },
+    }
+}
+
+/// The tokens of `encoding`, with the text each covers in `text`.
+fn tokens_of(text: &str, encoding: &inferd_engine::Encoding) -> Vec<Token> {
+    let special = encoding.get_special_tokens_mask();
+    encoding
+        .get_ids()
+        .iter()
+        .zip(encoding.get_tokens())
+        .zip(encoding.get_offsets())
+        .enumerate()
+        .map(|(i, ((&id, token), &(start, stop)))| {
+            if special.get(i).is_some_and(|&s| s == 1) {
+                return Token {
+                    id,
+                    text: token.clone(),
+                    special: true,
+                    start: None,
+                    stop: None,
+                };
+            }
+            Token {
+                id,
+                // Offsets are byte offsets into the text; `get` keeps a
+                // tokenizer's odd offset from panicking.
+                text: text.get(start..stop).unwrap_or(token).to_owned(),
+                special: false,
+                start: u32::try_from(start).ok(),
+                stop: u32::try_from(stop).ok(),
+            }
+        })
+        .collect()
+}
+
 fn apply_chaos(chaos: &ChaosOptions, texts: &[String], leaked: &mut Vec<Vec<u8>>) {
     let has = |marker: &Option<String>| marker.as_ref().is_some_and(|m| texts.contains(m));
     if has(&chaos.crash_marker) {

@@ -21,7 +21,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use inferd_proto::{ClientMessage, Connection, ProtoError, ServerMessage, DEFAULT_MAX_FRAME_BYTES};
+use inferd_proto::{
+    ClientMessage, Connection, ProtoError, ServerMessage, TokenizeResult, DEFAULT_MAX_FRAME_BYTES,
+};
 use tokio::net::UnixStream;
 
 mod display;
@@ -146,6 +148,33 @@ impl Client {
         }
     }
 
+    /// Tokenizes `texts` with the model's tokenizer, as embedding them
+    /// would: one token list per text, in order.
+    pub async fn tokenize(
+        &mut self,
+        texts: Vec<String>,
+        deadline: Option<Duration>,
+    ) -> Result<TokenizeResult, ClientError> {
+        let id = self.take_id();
+        let deadline_ms = deadline.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        match self
+            .request(&ClientMessage::Tokenize {
+                id,
+                texts,
+                deadline_ms,
+            })
+            .await?
+        {
+            ServerMessage::Tokens {
+                id: got, result, ..
+            } if got == id => Ok(result),
+            ServerMessage::Error { id: got, error } if got == id => {
+                Err(ClientError::Request(error))
+            }
+            other => Err(unexpected("tokens", id, &other)),
+        }
+    }
+
     /// Asks for a snapshot of the pool.
     pub async fn status(&mut self) -> Result<PoolStatus, ClientError> {
         let id = self.take_id();
@@ -228,6 +257,7 @@ fn is_peer_gone(err: &ProtoError) -> bool {
 fn unexpected(expected: &'static str, id: u64, got: &ServerMessage) -> ClientError {
     let got = match got {
         ServerMessage::Embeddings { id: g, .. } => format!("embeddings for request {g}"),
+        ServerMessage::Tokens { id: g, .. } => format!("tokens for request {g}"),
         ServerMessage::Status { id: g, .. } => format!("status for request {g}"),
         ServerMessage::Rolled { id: g, .. } => format!("roll result for request {g}"),
         ServerMessage::Metrics { id: g, .. } => format!("metrics for request {g}"),

@@ -84,7 +84,9 @@ fn embed_answer(request: ClientMessage) -> ServerMessage {
                 ..PoolStatus::default()
             }),
         },
-        other @ (ClientMessage::Roll { .. } | ClientMessage::Metrics { .. }) => error_answer(other),
+        other @ (ClientMessage::Roll { .. }
+        | ClientMessage::Metrics { .. }
+        | ClientMessage::Tokenize { .. }) => error_answer(other),
     }
 }
 

@@ -44,7 +44,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tokenize::BoundedEncoder;
-use tokenizers::{Encoding, Tokenizer, TruncationParams};
+/// What [`Engine::tokenize`] returns (tokenizers' own type).
+pub use tokenizers::Encoding;
+use tokenizers::{Tokenizer, TruncationParams};
 use tract_onnx::prelude::multithread::Executor;
 use tract_onnx::prelude::tract_data::internal::DimLike;
 use tract_onnx::prelude::*;

@@ -5,6 +5,7 @@
 //! | `POST /v1/embeddings` | OpenAI's embeddings API (float or base64; text or cl100k_base token ids) |
 //! | `GET /v1/models` | OpenAI's model list: the served model and its aliases |
 //! | `POST /embed` | text-embeddings-inference's `[[f32]]` |
+//! | `POST /tokenize` | TEI's tokens, as the model's tokenizer makes them |
 //! | `GET /info` | model name, dims (once known), limits, version |
 //! | `GET /health` | 200 while a worker is ready, else 503 |
 //! | `GET /metrics` | `inferctl metrics`' Prometheus text (control access) |
@@ -40,7 +41,7 @@ use tracing::debug;
 use super::error::{ApiError, Flavor};
 use super::{openai_ids, ConnState, Door};
 use crate::pool::PoolMsg;
-use crate::request::Responder;
+use crate::request::{Responder, Task};
 
 /// Header carrying a per-request deadline in milliseconds.
 const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
@@ -54,6 +55,7 @@ pub(super) fn router(state: Arc<ConnState>) -> Router {
         .route("/v1/embeddings", post(openai_embeddings))
         .route("/v1/models", get(openai_models))
         .route("/embed", post(tei_embed))
+        .route("/tokenize", post(tei_tokenize))
         .route("/info", get(info))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -369,6 +371,77 @@ async fn tei_embed(State(conn): Conn, headers: HeaderMap, body: Body) -> Respons
     }
 }
 
+/// `POST /tokenize` body (TEI's `TokenizeRequest`).
+#[derive(Debug, Deserialize)]
+struct TeiTokenizeRequest {
+    /// A string or an array of strings.
+    inputs: Value,
+    /// Keep `[CLS]`/`[SEP]` (default true).
+    add_special_tokens: Option<bool>,
+}
+
+/// One token as TEI writes it.
+#[derive(Serialize)]
+struct TeiToken<'a> {
+    /// Vocabulary id.
+    id: u32,
+    /// The text it covers, or the special token.
+    text: &'a str,
+    /// Added by the tokenizer.
+    special: bool,
+    /// Byte offsets into the input; `null` for a special token.
+    start: Option<u32>,
+    /// End, exclusive.
+    stop: Option<u32>,
+}
+
+async fn tei_tokenize(State(conn): Conn, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let flavor = Flavor::Tei;
+    let answer = async {
+        let request: TeiTokenizeRequest = read_json(&conn, flavor, body).await?;
+        let texts =
+            match inputs_of(&request.inputs, "inputs").map_err(|m| ApiError::invalid(flavor, m))? {
+                Inputs::Texts(texts) => texts,
+                Inputs::TokenIds(_) => {
+                    return Err(ApiError::invalid(
+                        flavor,
+                        "`inputs` must be text to tokenize",
+                    ))
+                }
+            };
+        match run(&conn, flavor, &headers, Task::Tokenize, texts).await? {
+            (ServerMessage::Tokens { result, .. }, timing) => {
+                Ok((result, timing, request.add_special_tokens.unwrap_or(true)))
+            }
+            (other, _) => Err(ApiError::from_request(flavor, &unexpected(Some(other)))),
+        }
+    };
+    let (result, timing, special) = match answer.await {
+        Ok(answer) => answer,
+        Err(error) => return error.into_response(),
+    };
+    let lists: Vec<Vec<TeiToken>> = result
+        .tokens
+        .iter()
+        .map(|tokens| {
+            tokens
+                .iter()
+                .filter(|token| special || !token.special)
+                .map(|token| TeiToken {
+                    id: token.id,
+                    text: &token.text,
+                    special: token.special,
+                    start: token.start,
+                    stop: token.stop,
+                })
+                .collect()
+        })
+        .collect();
+    let tokens = lists.iter().map(|l| l.len() as u64).sum();
+    timed(Json(lists).into_response(), started, tokens, timing)
+}
+
 fn l2_normalize(vector: &mut [f32]) {
     let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm > 0.0 {
@@ -639,6 +712,25 @@ async fn embed(
     headers: &HeaderMap,
     texts: Vec<String>,
 ) -> Result<(EmbedResult, Timing), ApiError> {
+    match run(conn, flavor, headers, Task::Embed, texts).await? {
+        (ServerMessage::Embeddings { result, .. }, timing) => {
+            conn.shared
+                .learn_dims(&model_name(&conn.config), result.dims);
+            Ok((result, timing))
+        }
+        (other, _) => Err(ApiError::from_request(flavor, &unexpected(Some(other)))),
+    }
+}
+
+/// Runs `texts` through the pool as one request for `task`, with the
+/// deadline from [`TIMEOUT_HEADER`]; the pool's answer and its timing.
+async fn run(
+    conn: &ConnState,
+    flavor: Flavor,
+    headers: &HeaderMap,
+    task: Task,
+    texts: Vec<String>,
+) -> Result<(ServerMessage, Timing), ApiError> {
     let deadline = match headers.get(TIMEOUT_HEADER) {
         None => None,
         Some(value) => match value
@@ -671,6 +763,7 @@ async fn embed(
     let msg = PoolMsg::Embed {
         ticket,
         client: conn.client,
+        task,
         texts: Arc::from(texts),
         deadline,
         responder,
@@ -681,11 +774,8 @@ async fn embed(
     let answer = answers.recv().await;
     abandoned.disarm();
     match answer {
-        Some(ServerMessage::Embeddings { result, timing, .. }) => {
-            conn.shared
-                .learn_dims(&model_name(&conn.config), result.dims);
-            Ok((result, timing))
-        }
+        Some(answer @ ServerMessage::Embeddings { timing, .. })
+        | Some(answer @ ServerMessage::Tokens { timing, .. }) => Ok((answer, timing)),
         other => Err(fail(unexpected(other))),
     }
 }
