@@ -37,8 +37,9 @@
 //! * supervisor ⇄ worker: the supervisor sends [`WorkerCommand::Start`] (the
 //!   worker allocates nothing big before it), the worker answers
 //!   [`WorkerEvent::Ready`] or [`WorkerEvent::LoadFailed`]; then one
-//!   [`WorkerCommand::Embed`] at a time, each answered by one
-//!   [`WorkerEvent::Embedded`] or [`WorkerEvent::Rejected`];
+//!   [`WorkerCommand::Embed`] or [`WorkerCommand::Tokenize`] at a time,
+//!   each answered by one [`WorkerEvent::Embedded`] (or
+//!   [`WorkerEvent::Tokenized`]) or [`WorkerEvent::Rejected`];
 //!   [`WorkerCommand::Shutdown`] or EOF makes the worker exit 0.
 //!
 //! # Bounds on what a peer's bytes can make a decoder allocate
