@@ -1,15 +1,18 @@
 //! The request queue, fair between clients.
 //!
-//! Every accepted embed request waits here until a worker is free. Requests
-//! are kept in one FIFO *lane* per client connection; lanes are grouped by
-//! the connection's [`Tenant`]: its uid, or "TCP" for every client of the
-//! TCP listener together. Dispatch takes turns: the next tenant in
-//! rotation, then the next connection of that tenant, one request each; a client whose lane was
-//! empty takes the next turn. So a client that floods the daemon delays
-//! another client by about one request per worker, not by the whole queue, and a user cannot buy a larger share by
-//! opening more connections than another user (fairness is per uid first,
-//! then per connection within a uid, because several services often share
-//! one uid and must not starve each other either).
+//! Every accepted request waits here until a worker is free. Requests are
+//! kept in one FIFO *lane* per client connection; lanes are grouped by the
+//! connection's [`Tenant`]: its uid, or "TCP" for every client of the TCP
+//! listener together. Dispatch takes turns: the next tenant in rotation,
+//! then the next connection of that tenant, one request each. A client
+//! that was idle for a whole round goes ahead of the busy ones, in the
+//! order such clients arrived ([`Rotation`]). So a client that floods the
+//! daemon delays another client by about one request per worker, not by
+//! the whole queue; clients that each send one request at a time are
+//! served in turn and cannot starve a busy one; and a user cannot buy a
+//! larger share by opening more connections than another user (fairness is
+//! per uid first, then per connection within a uid, because several
+//! services often share one uid and must not starve each other either).
 //!
 //! Admission is fair too (longest-queue drop): when the queue is at its
 //! request capacity or its byte budget, a new request from a light client
@@ -23,7 +26,44 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::request::{ClientKey, Request, Tenant};
 
-/// One connection's waiting requests.
+/// Whose turn it is, at one level (tenants, or one tenant's connections):
+/// those that just became active (`new`, oldest first), ahead of those that
+/// were served and still have work or were served last time round (`old`).
+/// A key served from `new` goes to the back of `old`, even if it has
+/// nothing left: its place there keeps it from coming back as new at once,
+/// so clients that each send one request at a time take turns in order, and
+/// together cannot starve a busy client (fq_codel's rule).
+#[derive(Debug)]
+struct Rotation<K> {
+    /// Just became active, oldest first.
+    new: VecDeque<K>,
+    /// Served before, in turn order.
+    old: VecDeque<K>,
+}
+
+impl<K> Default for Rotation<K> {
+    fn default() -> Self {
+        Self {
+            new: VecDeque::new(),
+            old: VecDeque::new(),
+        }
+    }
+}
+
+impl<K> Rotation<K> {
+    /// The next key to serve, taken out.
+    fn next(&mut self) -> Option<K> {
+        self.new.pop_front().or_else(|| self.old.pop_front())
+    }
+
+    /// True when no key is scheduled.
+    fn is_empty(&self) -> bool {
+        self.new.is_empty() && self.old.is_empty()
+    }
+}
+
+/// One connection's waiting requests. A lane exists while its connection is
+/// in its tenant's rotation, possibly empty (served last time round).
 #[derive(Debug)]
 struct Lane {
     /// The connection's tenant (the lane's group).
@@ -46,12 +86,13 @@ pub enum Measure {
 pub struct FairQueue {
     /// Re-dispatched requests of dead workers, served before any lane.
     retries: VecDeque<Request>,
-    /// Lanes by connection id; a lane exists only while it holds requests.
+    /// Lanes by connection id, while scheduled.
     lanes: HashMap<u64, Lane>,
-    /// Per tenant, its connections with waiting requests, in turn order.
-    rings: BTreeMap<Tenant, VecDeque<u64>>,
-    /// Tenants with waiting requests, in turn order.
-    turns: VecDeque<Tenant>,
+    /// Per tenant, its scheduled connections. A connection whose lane is
+    /// gone (it disconnected) is skipped when its turn comes.
+    rings: BTreeMap<Tenant, Rotation<u64>>,
+    /// Tenants with a ring, in turn order.
+    turns: Rotation<Tenant>,
     /// Requests held, retries included.
     len: usize,
     /// Text bytes held, retries included.
@@ -83,13 +124,18 @@ impl FairQueue {
     pub fn push(&mut self, request: Request) {
         self.count_in(&request);
         let ClientKey { tenant, conn } = request.client;
-        let lane = self.lanes.entry(conn).or_insert_with(|| Lane {
-            tenant,
-            requests: VecDeque::new(),
-        });
-        lane.requests.push_back(request);
-        if lane.requests.len() == 1 {
-            self.activate(tenant, conn);
+        match self.lanes.get_mut(&conn) {
+            Some(lane) => lane.requests.push_back(request),
+            None => {
+                self.lanes.insert(
+                    conn,
+                    Lane {
+                        tenant,
+                        requests: VecDeque::from([request]),
+                    },
+                );
+                self.activate(tenant, conn);
+            }
         }
     }
 
@@ -114,25 +160,40 @@ impl FairQueue {
             self.count_out(&request);
             return Some(request);
         }
-        let tenant = self.turns.pop_front()?;
-        let ring = self.rings.get_mut(&tenant)?;
-        let conn = ring.pop_front()?;
-        let lane = self.lanes.get_mut(&conn)?;
-        let request = lane.requests.pop_front();
-        if lane.requests.is_empty() {
-            self.lanes.remove(&conn);
-        } else {
-            ring.push_back(conn);
+        loop {
+            let tenant = self.turns.next()?;
+            let Some(ring) = self.rings.get_mut(&tenant) else {
+                continue;
+            };
+            let mut served = None;
+            while let Some(conn) = ring.next() {
+                let Some(lane) = self.lanes.get_mut(&conn) else {
+                    continue; // disconnected
+                };
+                match lane.requests.pop_front() {
+                    Some(request) => {
+                        ring.old.push_back(conn);
+                        served = Some(request);
+                        break;
+                    }
+                    // Served last time round and idle since: its turn
+                    // has passed.
+                    None => {
+                        self.lanes.remove(&conn);
+                    }
+                }
+            }
+            match served {
+                Some(request) => {
+                    self.turns.old.push_back(tenant);
+                    self.count_out(&request);
+                    return Some(request);
+                }
+                None => {
+                    self.rings.remove(&tenant);
+                }
+            }
         }
-        if ring.is_empty() {
-            self.rings.remove(&tenant);
-        } else {
-            self.turns.push_back(tenant);
-        }
-        if let Some(request) = &request {
-            self.count_out(request);
-        }
-        request
     }
 
     /// Takes every request of connection `conn` out (its client is gone).
@@ -140,7 +201,6 @@ impl FairQueue {
         let Some(lane) = self.lanes.remove(&conn) else {
             return Vec::new();
         };
-        self.deactivate(lane.tenant, conn);
         let requests: Vec<Request> = lane.requests.into_iter().collect();
         for request in &requests {
             self.count_out(request);
@@ -160,8 +220,7 @@ impl FairQueue {
                 self.retries.push_back(request);
             }
         }
-        let mut emptied = Vec::new();
-        for (&conn, lane) in &mut self.lanes {
+        for lane in self.lanes.values_mut() {
             let requests = std::mem::take(&mut lane.requests);
             for request in requests {
                 if pred(&request) {
@@ -170,13 +229,6 @@ impl FairQueue {
                     lane.requests.push_back(request);
                 }
             }
-            if lane.requests.is_empty() {
-                emptied.push((lane.tenant, conn));
-            }
-        }
-        for (tenant, conn) in emptied {
-            self.lanes.remove(&conn);
-            self.deactivate(tenant, conn);
         }
         for request in &taken {
             self.count_out(request);
@@ -235,38 +287,22 @@ impl FairQueue {
         if !heavier {
             return None;
         }
-        let lane = self.lanes.get_mut(&conn)?;
-        let victim = lane.requests.pop_back()?;
-        if lane.requests.is_empty() {
-            self.lanes.remove(&conn);
-            self.deactivate(tenant, conn);
-        }
+        let victim = self.lanes.get_mut(&conn)?.requests.pop_back()?;
         self.count_out(&victim);
         Some(victim)
     }
 
-    /// A lane that was empty gets the next turn, ahead of lanes that stayed
-    /// busy (sparse flows first, as fq_codel does): a client sending one
-    /// request at a time waits for the next free worker, not for a turn
-    /// behind every flooder. A lane stays newly active only until served, so
-    /// a busy client gains nothing from it.
+    /// Schedules a connection that had no lane: after the others that just
+    /// became active, ahead of those that stayed busy (sparse flows first,
+    /// as fq_codel does), so a client sending one request at a time waits
+    /// for the next free worker, not for a turn behind every flooder. See
+    /// [`Rotation`] for why this cannot starve anyone.
     fn activate(&mut self, tenant: Tenant, conn: u64) {
         let ring = self.rings.entry(tenant).or_default();
         if ring.is_empty() {
-            self.turns.push_front(tenant);
+            self.turns.new.push_back(tenant);
         }
-        ring.push_front(conn);
-    }
-
-    fn deactivate(&mut self, tenant: Tenant, conn: u64) {
-        let Some(ring) = self.rings.get_mut(&tenant) else {
-            return;
-        };
-        ring.retain(|c| *c != conn);
-        if ring.is_empty() {
-            self.rings.remove(&tenant);
-            self.turns.retain(|t| *t != tenant);
-        }
+        ring.new.push_back(conn);
     }
 
     fn count_in(&mut self, request: &Request) {
@@ -316,8 +352,8 @@ mod tests {
         queue.push(request(10, 0, 2, "polite"));
         queue.push(request(11, 0, 2, "polite"));
         assert_eq!(queue.len(), 7);
-        // The newly active connection goes first, then they alternate.
-        assert_eq!(drain(&mut queue), [10, 1, 11, 2, 3, 4, 5]);
+        // Both became active while idle: in that order, then they alternate.
+        assert_eq!(drain(&mut queue), [1, 10, 2, 11, 3, 4, 5]);
         assert!(queue.is_empty());
         assert_eq!(queue.bytes(), 0);
     }
@@ -334,8 +370,8 @@ mod tests {
         queue.push(request(100, 2, 9, "b"));
         queue.push(request(101, 2, 9, "b"));
         // Uids alternate while both have work; within uid 1 its connections
-        // take turns (the latest to become active first).
-        assert_eq!(drain(&mut queue), [100, 30, 101, 20, 10, 31, 21, 11]);
+        // take turns, in the order they became active.
+        assert_eq!(drain(&mut queue), [10, 100, 20, 101, 30, 11, 21, 31]);
     }
 
     #[test]
@@ -352,6 +388,57 @@ mod tests {
         assert_eq!(queue.pop().map(|r| r.id), Some(101));
         // The flooder never counts as newly active: its lane never empties.
         assert_eq!(drain(&mut queue)[..2], [3, 4]);
+    }
+
+    /// Clients that each send one request at a time, more of them than
+    /// workers, next to a flooder: every one is served in turn, the flooder
+    /// too, and nobody waits long (a lane that just became active used to
+    /// go first among them, last in first out, and one client starved).
+    #[test]
+    fn one_at_a_time_clients_take_turns_and_cannot_starve_a_flooder() {
+        const WORKERS: usize = 2;
+        let mut queue = FairQueue::new();
+        let mut next_id = 0;
+        let mut push = |queue: &mut FairQueue, conn: u64| {
+            next_id += 1;
+            queue.push(request(next_id, 0, conn, "x"));
+        };
+        for _ in 0..1000 {
+            push(&mut queue, 99); // the flooder's backlog
+        }
+        for conn in 1..=4 {
+            push(&mut queue, conn);
+        }
+        let mut served: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut waited: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut longest_wait = 0;
+        for _ in 0..200 {
+            // Each round the workers take one request each; a polite client
+            // sends its next request as soon as its answer comes.
+            let taken: Vec<Request> = (0..WORKERS).filter_map(|_| queue.pop()).collect();
+            for (&conn, rounds) in &mut waited {
+                if taken.iter().all(|r| r.client.conn != conn) {
+                    *rounds += 1;
+                    longest_wait = longest_wait.max(*rounds);
+                }
+            }
+            for request in taken {
+                let conn = request.client.conn;
+                *served.entry(conn).or_default() += 1;
+                if conn != 99 {
+                    waited.insert(conn, 0);
+                    push(&mut queue, conn);
+                }
+            }
+        }
+        let polite: Vec<u32> = (1..=4).map(|c| served.get(&c).copied().unwrap_or(0)).collect();
+        let (fewest, most) = (polite.iter().min().unwrap(), polite.iter().max().unwrap());
+        assert!(most - fewest <= 1, "polite clients served unevenly: {polite:?}");
+        assert!(
+            served.get(&99).copied().unwrap_or(0) >= 40,
+            "the flooder starved: {served:?}"
+        );
+        assert!(longest_wait <= 3, "a polite client waited {longest_wait} rounds");
     }
 
     #[test]
