@@ -89,9 +89,16 @@ def test_a_text_over_the_byte_limit_is_bad_request(client: inferd.Client) -> Non
 
 
 def test_too_many_texts_in_one_request_is_bad_request(client: inferd.Client) -> None:
+    # Over max_texts the daemon runs the request in parts, in order.
+    texts = [f"text {i}" for i in range(client.max_texts() + 3)]
+    vectors = client.embed_batch(texts)
+    assert len(vectors) == len(texts)
+    assert max_abs_diff(vectors[-1], client.embed_one(texts[-1])) <= TOLERANCE
+    # Over OpenAI's 2048 it refuses.
     with pytest.raises(inferd.BadRequest) as caught:
-        client.embed_batch(["a"] * (client.max_texts() + 1))
+        client.embed_batch(["a"] * 2049)
     assert caught.value.status == 400
+    assert "2048" in caught.value.message
     assert not isinstance(caught.value, inferd.PayloadTooLarge)
 
 

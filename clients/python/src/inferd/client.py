@@ -395,9 +395,11 @@ class Client:
     def embed_batch(
         self, texts: Sequence[str], *, as_numpy: bool = False
     ) -> list[list[float]] | "numpy.ndarray":
-        """Embeds ``texts`` in exactly one request, as they are: more than the
-        daemon's ``max_texts``, or none, is answered
-        :class:`~inferd.errors.BadRequest`. (:meth:`embed` splits instead.)
+        """Embeds ``texts`` in exactly one request, as they are. The daemon
+        runs more than its ``max_texts`` as several pool requests side by
+        side; more than 2048 (OpenAI's limit), or none, is answered
+        :class:`~inferd.errors.BadRequest`. (:meth:`embed` splits into
+        requests of ``max_texts`` instead.)
         """
         items = list(texts)
         self._check_texts(items)
