@@ -431,14 +431,22 @@ mod tests {
                 }
             }
         }
-        let polite: Vec<u32> = (1..=4).map(|c| served.get(&c).copied().unwrap_or(0)).collect();
+        let polite: Vec<u32> = (1..=4)
+            .map(|c| served.get(&c).copied().unwrap_or(0))
+            .collect();
         let (fewest, most) = (polite.iter().min().unwrap(), polite.iter().max().unwrap());
-        assert!(most - fewest <= 1, "polite clients served unevenly: {polite:?}");
+        assert!(
+            most - fewest <= 1,
+            "polite clients served unevenly: {polite:?}"
+        );
         assert!(
             served.get(&99).copied().unwrap_or(0) >= 40,
             "the flooder starved: {served:?}"
         );
-        assert!(longest_wait <= 3, "a polite client waited {longest_wait} rounds");
+        assert!(
+            longest_wait <= 3,
+            "a polite client waited {longest_wait} rounds"
+        );
     }
 
     #[test]

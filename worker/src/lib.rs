@@ -169,9 +169,8 @@ fn embed(
     texts: &[String],
     leaked: &mut Vec<Vec<u8>>,
 ) -> WorkerEvent {
-    apply_chaos(&config.chaos, texts, leaked);
-    if let Err(error) = config.limits.check(texts) {
-        return WorkerEvent::Rejected { request_id, error };
+    if let Some(refusal) = admit(config, request_id, texts, leaked) {
+        return refusal;
     }
     let started = Instant::now();
     match engine.embed(texts) {
@@ -205,8 +204,22 @@ fn embed(
     }
 }
 
-/// Test-only behaviours, off unless the supervisor's config enables them.
-/// `leaked` holds the simulated leak for the life of the process.
+/// What every request goes through first: the chaos options (tests), then
+/// the request limits; `Some` is the refusal to send instead of an answer.
+fn admit(
+    config: &WorkerConfig,
+    request_id: u64,
+    texts: &[String],
+    leaked: &mut Vec<Vec<u8>>,
+) -> Option<WorkerEvent> {
+    apply_chaos(&config.chaos, texts, leaked);
+    config
+        .limits
+        .check(texts)
+        .err()
+        .map(|error| WorkerEvent::Rejected { request_id, error })
+}
+
 /// Tokenizes one request as `embed` would; failures become `Rejected`.
 fn tokenize(
     engine: &Engine,
@@ -215,9 +228,8 @@ fn tokenize(
     texts: &[String],
     leaked: &mut Vec<Vec<u8>>,
 ) -> WorkerEvent {
-    apply_chaos(&config.chaos, texts, leaked);
-    if let Err(error) = config.limits.check(texts) {
-        return WorkerEvent::Rejected { request_id, error };
+    if let Some(refusal) = admit(config, request_id, texts, leaked) {
+        return refusal;
     }
     let tokens: Result<Vec<Vec<Token>>, _> = texts
         .iter()
@@ -273,6 +285,8 @@ fn tokens_of(text: &str, encoding: &inferd_engine::Encoding) -> Vec<Token> {
         .collect()
 }
 
+/// Test-only behaviours, off unless the supervisor's config enables them.
+/// `leaked` holds the simulated leak for the life of the process.
 fn apply_chaos(chaos: &ChaosOptions, texts: &[String], leaked: &mut Vec<Vec<u8>>) {
     let has = |marker: &Option<String>| marker.as_ref().is_some_and(|m| texts.contains(m));
     if has(&chaos.crash_marker) {

@@ -46,7 +46,10 @@ fn main() {
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_else(|| {
-            eprintln!("engine_latency: {} is not a JSON array", texts_file.display());
+            eprintln!(
+                "engine_latency: {} is not a JSON array",
+                texts_file.display()
+            );
             std::process::exit(2)
         });
     let engine = Engine::load(&EngineConfig::for_model_dir(&model_dir)).unwrap_or_else(|err| {
