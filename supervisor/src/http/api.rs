@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::error::{ApiError, Flavor};
+use super::inputs::Inputs;
 use super::{openai_ids, ConnState, Door};
 use crate::pool::PoolMsg;
 use crate::request::{Responder, Task};
@@ -136,7 +137,7 @@ fn model_name(config: &crate::config::Config) -> String {
 #[derive(Debug, Deserialize)]
 struct OpenAiRequest {
     /// A string, an array of strings, or cl100k_base token ids.
-    input: Value,
+    input: Inputs,
     /// The served model or one of `model_aliases`.
     model: Option<String>,
     /// `float` (default) or `base64`.
@@ -185,13 +186,12 @@ async fn openai_embeddings(State(conn): Conn, headers: HeaderMap, body: Body) ->
         if let Some(dims) = conn.shared.dims(&served) {
             check_dims(dims)?;
         }
-        let texts =
-            match inputs_of(&request.input, "input").map_err(|m| ApiError::invalid(flavor, m))? {
-                Inputs::Texts(texts) => texts,
-                Inputs::TokenIds(ids) => openai_ids::decode(ids)
-                    .await
-                    .map_err(|m| ApiError::invalid(flavor, m).with_code("invalid_token_ids"))?,
-            };
+        let texts = match request.input {
+            Inputs::Texts(texts) => texts,
+            Inputs::TokenIds(ids) => openai_ids::decode(ids, conn.config.max_text_bytes)
+                .await
+                .map_err(|m| ApiError::invalid(flavor, m).with_code("invalid_token_ids"))?,
+        };
         let (result, timing) = embed_in_parts(&conn, flavor, &headers, texts).await?;
         check_dims(result.dims)?;
         Ok((result, timing, base64))
@@ -295,7 +295,7 @@ async fn openai_models(State(conn): Conn) -> Json<Value> {
 #[derive(Debug, Deserialize)]
 struct TeiRequest {
     /// A string or an array of strings.
-    inputs: Value,
+    inputs: Inputs,
     /// L2-normalise (default true).
     normalize: Option<bool>,
     /// Cut inputs at `max_seq_len` (default true; inferd always does, so
@@ -325,16 +325,15 @@ async fn tei_embed(State(conn): Conn, headers: HeaderMap, body: Body) -> Respons
                 ));
             }
         }
-        let texts =
-            match inputs_of(&request.inputs, "inputs").map_err(|m| ApiError::invalid(flavor, m))? {
-                Inputs::Texts(texts) => texts,
-                Inputs::TokenIds(_) => {
-                    return Err(ApiError::invalid(
-                        flavor,
-                        "token id inputs are not supported on /embed: send the text",
-                    ))
-                }
-            };
+        let texts = match request.inputs {
+            Inputs::Texts(texts) => texts,
+            Inputs::TokenIds(_) => {
+                return Err(ApiError::invalid(
+                    flavor,
+                    "token id inputs are not supported on /embed: send the text",
+                ))
+            }
+        };
         let (mut result, timing) = embed(&conn, flavor, &headers, texts).await?;
         if request.truncate == Some(false) && result.truncated.iter().any(|&cut| cut) {
             // TEI's answer to an over-long input with truncation off. The
@@ -375,7 +374,7 @@ async fn tei_embed(State(conn): Conn, headers: HeaderMap, body: Body) -> Respons
 #[derive(Debug, Deserialize)]
 struct TeiTokenizeRequest {
     /// A string or an array of strings.
-    inputs: Value,
+    inputs: Inputs,
     /// Keep `[CLS]`/`[SEP]` (default true).
     add_special_tokens: Option<bool>,
 }
@@ -400,16 +399,15 @@ async fn tei_tokenize(State(conn): Conn, headers: HeaderMap, body: Body) -> Resp
     let flavor = Flavor::Tei;
     let answer = async {
         let request: TeiTokenizeRequest = read_json(&conn, flavor, body).await?;
-        let texts =
-            match inputs_of(&request.inputs, "inputs").map_err(|m| ApiError::invalid(flavor, m))? {
-                Inputs::Texts(texts) => texts,
-                Inputs::TokenIds(_) => {
-                    return Err(ApiError::invalid(
-                        flavor,
-                        "`inputs` must be text to tokenize",
-                    ))
-                }
-            };
+        let texts = match request.inputs {
+            Inputs::Texts(texts) => texts,
+            Inputs::TokenIds(_) => {
+                return Err(ApiError::invalid(
+                    flavor,
+                    "`inputs` must be text to tokenize",
+                ))
+            }
+        };
         match run(&conn, flavor, &headers, Task::Tokenize, texts).await? {
             (ServerMessage::Tokens { result, .. }, timing) => {
                 Ok((result, timing, request.add_special_tokens.unwrap_or(true)))
@@ -545,63 +543,6 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|err| ApiError::bad_json(flavor, &err))
 }
 
-/// What an `input`/`inputs` value holds.
-#[derive(Debug, PartialEq)]
-enum Inputs {
-    /// A string or an array of strings.
-    Texts(Vec<String>),
-    /// Token ids: an array of integers (one input), or of such arrays.
-    TokenIds(Vec<Vec<u32>>),
-}
-
-/// Reads an `input`/`inputs` value; the error says what it should be.
-fn inputs_of(value: &Value, field: &str) -> Result<Inputs, String> {
-    let shape = || format!("`{field}` must be a string, an array of strings, or token ids");
-    let ids = |items: &[Value]| -> Option<Vec<u32>> {
-        items
-            .iter()
-            .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
-            .collect()
-    };
-    match value {
-        Value::String(text) => Ok(Inputs::Texts(vec![text.clone()])),
-        Value::Array(items) if items.iter().all(Value::is_string) => Ok(Inputs::Texts(
-            items
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect(),
-        )),
-        Value::Array(items) if items.iter().all(Value::is_number) => {
-            Ok(Inputs::TokenIds(vec![ids(items).ok_or_else(|| {
-                format!("`{field}`: token ids are whole numbers below 2^32")
-            })?]))
-        }
-        Value::Array(items) if items.iter().all(Value::is_array) => items
-            .iter()
-            .map(|item| {
-                let list = item.as_array().map(Vec::as_slice).unwrap_or_default();
-                ids(list).ok_or_else(|| {
-                    format!("`{field}`: each entry must be an array of token ids (whole numbers below 2^32)")
-                })
-            })
-            .collect::<Result<_, _>>()
-            .map(Inputs::TokenIds),
-        Value::Array(_) => Err(shape()),
-        other => Err(format!("{}, not {}", shape(), json_type(other))),
-    }
-}
-
-fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// A responder for a new request of this connection, and where its answer
 /// arrives.
 fn responder(conn: &ConnState) -> (Responder, mpsc::UnboundedReceiver<ServerMessage>) {
@@ -632,9 +573,6 @@ async fn status(conn: &ConnState) -> Result<PoolStatus, RequestError> {
     }
 }
 
-/// Most inputs of one `/v1/embeddings` request, as OpenAI allows.
-const OPENAI_MAX_INPUTS: usize = 2048;
-
 /// Runs an OpenAI request's `texts` through the pool in requests of at most
 /// `max_texts` each, run side by side, and joins the answers in order.
 /// LangChain's `OpenAIEmbeddings` sends up to 1000 inputs at a time by
@@ -652,15 +590,6 @@ async fn embed_in_parts(
     let part_len = conn.config.max_texts.max(1);
     if texts.len() <= part_len {
         return embed(conn, flavor, headers, texts).await;
-    }
-    if texts.len() > OPENAI_MAX_INPUTS {
-        return Err(ApiError::invalid(
-            flavor,
-            format!(
-                "{} inputs in one request; the limit is {OPENAI_MAX_INPUTS}",
-                texts.len()
-            ),
-        ));
     }
     let mut parts = tokio::task::JoinSet::new();
     let mut texts = texts.into_iter();
@@ -828,33 +757,6 @@ fn timed(mut response: Response, started: Instant, tokens: u64, timing: Timing) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn inputs_are_strings_arrays_of_strings_or_token_ids() {
-        let texts = |v: &[&str]| Ok(Inputs::Texts(v.iter().map(|s| s.to_string()).collect()));
-        assert_eq!(inputs_of(&json!("a"), "input"), texts(&["a"]));
-        assert_eq!(inputs_of(&json!(["a", "b"]), "input"), texts(&["a", "b"]));
-        assert_eq!(
-            inputs_of(&json!([1, 2]), "input"),
-            Ok(Inputs::TokenIds(vec![vec![1, 2]]))
-        );
-        assert_eq!(
-            inputs_of(&json!([[1, 2], [3], []]), "input"),
-            Ok(Inputs::TokenIds(vec![vec![1, 2], vec![3], vec![]]))
-        );
-        let message = inputs_of(&json!(3), "inputs").expect_err("a number is not an input");
-        assert!(message.contains("not a number"), "{message}");
-        assert!(inputs_of(&json!(["a", 1]), "input").is_err());
-        for bad in [
-            json!([-1]),
-            json!([1.5]),
-            json!([4_294_967_296u64]),
-            json!([[1], ["a"]]),
-        ] {
-            let message = inputs_of(&bad, "input").expect_err("not token ids");
-            assert!(message.contains("token ids"), "{bad}: {message}");
-        }
-    }
 
     #[test]
     fn model_name_is_the_directory_of_a_generic_file() {

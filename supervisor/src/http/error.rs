@@ -86,6 +86,13 @@ impl ApiError {
     /// The body is not JSON of the expected shape: 400 on OpenAI routes
     /// (`invalid_json`), TEI's 422 elsewhere.
     pub fn bad_json(flavor: Flavor, problem: &serde_json::Error) -> Self {
+        if problem.is_data() {
+            // Valid JSON, wrong shape or a value out of range.
+            return Self::invalid(
+                flavor,
+                format!("the request body is not the JSON this route takes: {problem}"),
+            );
+        }
         Self::invalid(
             flavor,
             format!("the request body is not valid JSON: {problem}"),

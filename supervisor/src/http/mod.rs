@@ -37,6 +37,7 @@
 mod api;
 pub mod auth;
 pub mod error;
+mod inputs;
 mod openai_ids;
 
 use std::os::fd::AsRawFd;
