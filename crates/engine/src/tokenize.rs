@@ -114,24 +114,38 @@ impl BoundedEncoder {
     /// all the overflow says: it may hold only part of the cut-off rest).
     /// `tokenizer` must be the one given to [`BoundedEncoder::new`].
     pub(crate) fn encode(&self, tokenizer: &Tokenizer, text: &str) -> tokenizers::Result<Encoding> {
+        self.encode_counting(tokenizer, text)
+            .map(|(encoding, _)| encoding)
+    }
+
+    /// [`BoundedEncoder::encode`], and how many bytes it handed to the
+    /// tokenizer in all: the work done, which the tests bound without timing
+    /// anything.
+    fn encode_counting(
+        &self,
+        tokenizer: &Tokenizer,
+        text: &str,
+    ) -> tokenizers::Result<(Encoding, usize)> {
         // Only prefixes of at most half the text: as each is at least twice
         // the one before, a text that never overflows costs at most twice
         // tokenizing it whole.
         let half = text.len() / 2;
         let mut window = self.first_window;
+        let mut tokenized = 0;
         while window <= half {
             let cut = self.cut_at_or_after(text, window);
             if cut > half {
                 break;
             }
             let encoding = tokenizer.encode(&text[..cut], true)?;
+            tokenized += cut;
             if !encoding.get_overflowing().is_empty() {
-                return Ok(encoding);
+                return Ok((encoding, tokenized));
             }
             // From the cut, which a long word may have pushed past the window.
             window = cut.saturating_mul(GROWTH);
         }
-        tokenizer.encode(text, true)
+        Ok((tokenizer.encode(text, true)?, tokenized + text.len()))
     }
 
     /// The first byte offset at or after `window` where a cut char starts,
@@ -292,6 +306,71 @@ mod tests {
                     c as u32
                 );
             }
+        }
+    }
+
+    /// 64 KiB of `piece`s, cut back to a char boundary.
+    fn big_text(piece: &str) -> String {
+        let mut text = piece.repeat((64 << 10) / piece.len() + 1);
+        let mut end = 64 << 10;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text
+    }
+
+    /// The cost of a text is bounded by the truncation length, not by the
+    /// text's length, and the answer is the whole text's. Counted in bytes
+    /// handed to the tokenizer, not timed: tokenizing is linear in them
+    /// (64 KiB of English take ~20 ms whole on a 2-core machine, against
+    /// ~0.5 ms for the 2 KiB of the first prefix).
+    #[test]
+    fn work_is_bounded_by_the_truncation_length() {
+        const MAX_SEQ_LEN: usize = 256;
+        let first_window = MAX_SEQ_LEN * FIRST_WINDOW_BYTES_PER_TOKEN;
+        for (model, mut tokenizer) in tokenizers() {
+            tokenizer
+                .with_truncation(Some(tokenizers::TruncationParams {
+                    max_length: MAX_SEQ_LEN,
+                    ..Default::default()
+                }))
+                .expect("truncation");
+            let encoder = BoundedEncoder::new(&tokenizer, MAX_SEQ_LEN).expect("supported");
+            let whole = |text: &str| tokenizer.encode(text, true).expect("encode");
+            // Dense texts: settled by the first prefix, which ends at the
+            // first cut char at or after the window.
+            for (what, piece) in [
+                ("English", "the quick brown fox jumps over the lazy dog. "),
+                ("CJK", "中文字符测试，这是一个句子。"),
+                ("punctuation", "!?.,;:-"),
+            ] {
+                let text = big_text(piece);
+                let (encoding, tokenized) = encoder.encode_counting(&tokenizer, &text).unwrap();
+                assert!(
+                    (first_window..first_window + 16).contains(&tokenized),
+                    "{model}: {what}: {tokenized} bytes tokenized of {}",
+                    text.len()
+                );
+                let expected = whole(&text);
+                assert_eq!(encoding.get_ids(), expected.get_ids(), "{model}: {what}");
+                assert_eq!(encoding.len(), MAX_SEQ_LEN);
+                assert!(!encoding.get_overflowing().is_empty());
+            }
+            // Sparse texts never overflow a prefix: retried, then tokenized
+            // whole, at most twice the text in all.
+            let sparse = format!("{}{}", "word ".repeat(200), " ".repeat((64 << 10) - 1000));
+            let (encoding, tokenized) = encoder.encode_counting(&tokenizer, &sparse).unwrap();
+            assert!(
+                tokenized > sparse.len() && tokenized <= 2 * sparse.len(),
+                "{model}: sparse: {tokenized} bytes tokenized of {}",
+                sparse.len()
+            );
+            assert_eq!(encoding.get_ids(), whole(&sparse).get_ids());
+            assert!(encoding.get_overflowing().is_empty());
+            // Short texts go to the tokenizer once, whole.
+            let (_, tokenized) = encoder.encode_counting(&tokenizer, "a short text").unwrap();
+            assert_eq!(tokenized, "a short text".len());
         }
     }
 
