@@ -346,7 +346,8 @@ mod tests {
                 ("punctuation", "!?.,;:-"),
             ] {
                 let text = big_text(piece);
-                let (encoding, tokenized) = encoder.encode_counting(&tokenizer, &text).unwrap();
+                let (encoding, tokenized) =
+                    encoder.encode_counting(&tokenizer, &text).expect("encode");
                 assert!(
                     (first_window..first_window + 16).contains(&tokenized),
                     "{model}: {what}: {tokenized} bytes tokenized of {}",
@@ -360,7 +361,9 @@ mod tests {
             // Sparse texts never overflow a prefix: retried, then tokenized
             // whole, at most twice the text in all.
             let sparse = format!("{}{}", "word ".repeat(200), " ".repeat((64 << 10) - 1000));
-            let (encoding, tokenized) = encoder.encode_counting(&tokenizer, &sparse).unwrap();
+            let (encoding, tokenized) = encoder
+                .encode_counting(&tokenizer, &sparse)
+                .expect("encode");
             assert!(
                 tokenized > sparse.len() && tokenized <= 2 * sparse.len(),
                 "{model}: sparse: {tokenized} bytes tokenized of {}",
@@ -369,7 +372,9 @@ mod tests {
             assert_eq!(encoding.get_ids(), whole(&sparse).get_ids());
             assert!(encoding.get_overflowing().is_empty());
             // Short texts go to the tokenizer once, whole.
-            let (_, tokenized) = encoder.encode_counting(&tokenizer, "a short text").unwrap();
+            let (_, tokenized) = encoder
+                .encode_counting(&tokenizer, "a short text")
+                .expect("encode");
             assert_eq!(tokenized, "a short text".len());
         }
     }

@@ -51,7 +51,11 @@ fn a_maximal_request_runs_at_the_truncation_length() {
         let small = engine.embed(&cut).expect("embed");
         assert_eq!(small.truncated, [true; TEXTS], "{model}");
         for (i, (a, b)) in big.vectors.iter().zip(&small.vectors).enumerate() {
-            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(diff < 1e-5, "{model}: text {i} differs by {diff}");
         }
     }
