@@ -37,6 +37,7 @@
 
 #![warn(missing_docs, clippy::unwrap_used)]
 
+mod fuse;
 pub mod rewrite;
 mod tokenize;
 
@@ -204,6 +205,21 @@ pub struct Embeddings {
     pub truncated: Vec<bool>,
 }
 
+/// Time spent in one node of the plan over the runs of [`Engine::profile`].
+#[derive(Debug, Clone)]
+pub struct NodeTime {
+    /// The node's name (from the ONNX graph, or given by a rewrite).
+    pub node: String,
+    /// Its op, as tract names it (`OptMatMul`, `Softmax`, ...).
+    pub op: String,
+    /// The op's parameters, as tract prints them.
+    pub info: String,
+    /// The shapes of its inputs (symbolic: `batch`, `sequence`).
+    pub inputs: String,
+    /// Total time over all runs.
+    pub total: std::time::Duration,
+}
+
 /// The model inputs the engine knows how to fill from an [`Encoding`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InputKind {
@@ -354,9 +370,17 @@ impl Engine {
         typed
             .refresh_output_facts()
             .map_err(|e| EngineError::OptimizeModel(e.into()))?;
+        // What tract's declutter leaves to its slow generic loops (see
+        // `fuse`): fused before codegen so the optimizer sees the fused ops.
+        let fused_gelus =
+            fuse::fuse_gelu(&mut typed).map_err(|e| EngineError::OptimizeModel(e.into()))?;
+        let fused_softmaxes = fuse::fuse_masked_softmax(&mut typed)
+            .map_err(|e| EngineError::OptimizeModel(e.into()))?;
         typed
             .optimize()
             .map_err(|e| EngineError::OptimizeModel(e.into()))?;
+        let flat_binaries =
+            fuse::flatten_binaries(&mut typed).map_err(|e| EngineError::OptimizeModel(e.into()))?;
         let optimized = typed;
         // Explicitly single-threaded: workers = cores is the scaling model,
         // and tract's multithreaded matmul gains little on these shapes.
@@ -379,6 +403,9 @@ impl Engine {
             dims,
             inputs = ?input_names,
             gather_rewrites = rewritten,
+            fused_gelus,
+            fused_softmaxes,
+            flat_binaries,
             max_seq_len = config.max_seq_len,
             bounded_tokenization = bounded.is_some(),
             load_ms = started.elapsed().as_millis() as u64,
@@ -484,6 +511,73 @@ impl Engine {
             None => self.tokenizer.encode(text, true),
         }
         .map_err(EngineError::Tokenize)
+    }
+
+    /// How many nodes of each op the optimized plan holds, by tract's op
+    /// names (`OptMatMul`, `GeluExact`, `InferdMaskedSoftmax`, ...): what
+    /// the load-time fusions left, for tests and diagnostics.
+    pub fn plan_ops(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut ops = std::collections::BTreeMap::new();
+        for node in self.plan.model().nodes() {
+            *ops.entry(node.op().name().into_owned()).or_insert(0) += 1;
+        }
+        ops
+    }
+
+    /// Runs the plan `runs` times on `texts` (one batch, as [`Engine::embed`]
+    /// would) and returns the time spent in each node, slowest first: the
+    /// profile that guides the engine's rewrites (`examples/engine_profile`).
+    /// Diagnostic only; it adds a clock read around every node.
+    pub fn profile(&self, texts: &[String], runs: usize) -> Result<Vec<NodeTime>, EngineError> {
+        if texts.is_empty() {
+            return Err(EngineError::EmptyBatch);
+        }
+        let encodings = texts
+            .iter()
+            .map(|t| self.tokenize(t))
+            .collect::<Result<Vec<Encoding>, _>>()?;
+        let seq = encodings
+            .iter()
+            .map(Encoding::len)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let model = self.plan.model();
+        let mut times: Vec<Option<NodeTime>> = vec![None; model.nodes().len()];
+        let mut state =
+            TypedSimpleState::new(&self.plan).map_err(|e| EngineError::Run(e.into()))?;
+        for _ in 0..runs {
+            let inputs = self.input_tensors(&encodings, seq)?;
+            state
+                .run_plan_with_eval(inputs, |session, op_state, node, input| {
+                    let started = Instant::now();
+                    let output = tract_onnx::tract_core::plan::eval(session, op_state, node, input);
+                    let spent = started.elapsed();
+                    let slot = times[node.id].get_or_insert_with(|| NodeTime {
+                        node: node.name.clone(),
+                        op: node.op().name().into_owned(),
+                        info: node.op().info().unwrap_or_default().join(", "),
+                        inputs: node
+                            .inputs
+                            .iter()
+                            .map(|outlet| {
+                                model
+                                    .outlet_fact(*outlet)
+                                    .map(|f| format!("{:?}", f.shape))
+                                    .unwrap_or_default()
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        total: std::time::Duration::ZERO,
+                    });
+                    slot.total += spent;
+                    output
+                })
+                .map_err(|e| EngineError::Run(e.into()))?;
+        }
+        let mut times: Vec<NodeTime> = times.into_iter().flatten().collect();
+        times.sort_by_key(|t| std::cmp::Reverse(t.total));
+        Ok(times)
     }
 
     /// Length of the embedding vectors (384 for the MiniLM models).
