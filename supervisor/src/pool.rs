@@ -652,6 +652,7 @@ impl Pool {
             let Some(mut worker) = self.workers.remove(&worker_id) else {
                 continue;
             };
+            self.seams.memory.forget(worker.pid);
             let end = report
                 .map(|report| WorkerEnd::classify(report, worker.intent(), oom_evidence(&worker)));
             self.on_exit(&mut worker, end, now);
