@@ -12,10 +12,13 @@ then times, on that text:
   * inferd: ``Engine::embed`` of the same text (tokenize, run, pool,
     normalise; one thread), through the ``engine_latency`` example.
 
-The two sides run in turn, model by model, in rounds (onnxruntime, inferd,
-onnxruntime, ...), so drift on a shared machine hits both. Prints p50 and
-p99 per side and the p50 ratio (inferd / onnxruntime: below 1.00x means
-inferd is faster).
+The sides run in turn, model by model, in rounds (onnxruntime, inferd,
+inferd without its load-time fusions, onnxruntime, ...), so drift on a
+shared machine hits all of them. Prints p50 and p99 per side and the p50
+ratios (inferd / onnxruntime: below 1.00x means inferd is faster). The
+"without fusions" side (``engine_latency --no-fusions``) is the engine as
+tract alone optimizes the graph, i.e. before issue 9's work; --no-before
+skips it.
 
 Usage (the Python packages of bench/requirements.txt, e.g. the venv that
 bench/run-http-bench makes):
@@ -114,14 +117,16 @@ def time_ort(embedder: OrtEmbedder, text: str, iters: int, warmup: int) -> tuple
 
 
 def time_inferd(
-    binary: Path, model_dir: Path, texts: list[dict[str, str]], iters: int, warmup: int
+    binary: Path, model_dir: Path, texts: list[dict[str, str]], iters: int, warmup: int,
+    fusions: bool = True,
 ) -> dict[str, dict]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(texts, f)
     try:
         out = subprocess.run(
             [str(binary), "--model-dir", str(model_dir), "--texts", f.name,
-             "--iters", str(iters), "--warmup", str(warmup)],
+             "--iters", str(iters), "--warmup", str(warmup)]
+            + ([] if fusions else ["--no-fusions"]),
             check=True, capture_output=True, text=True, timeout=3600,
         ).stdout
     finally:
@@ -143,31 +148,44 @@ def main() -> None:
         os.environ.get("INFERD_MODEL_DIR") or Path.home() / ".cache/inferd/models"))
     parser.add_argument("--binary", type=Path,
                         default=REPO / "target/release/examples/engine_latency")
+    parser.add_argument("--no-before", action="store_true",
+                        help="skip the engine without its load-time fusions (the 'before' column)")
     args = parser.parse_args()
     if not args.binary.exists():
         sys.exit(f"{args.binary} is missing: cargo build --release -p inferd-engine "
                  "--example engine_latency")
-    print("| model | tokens | onnxruntime p50 / p99 ms | inferd p50 / p99 ms | inferd p50 / onnxruntime |")
-    print("|---|---|---|---|---|")
+    before = not args.no_before
+    print("| model | tokens | onnxruntime p50 / p99 ms | inferd p50 / p99 ms | inferd p50 / onnxruntime |"
+          + (" inferd without fusions p50 / p99 ms | without fusions / onnxruntime |" if before else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if before else ""))
     for model in MODELS:
         model_dir = args.model_dir / model
         ort_side = OrtEmbedder(model_dir)
         texts = [{"name": str(n), "text": text_of(ort_side.tokenizer, n)} for n in LENGTHS]
         ort_samples: dict[str, list[float]] = {t["name"]: [] for t in texts}
         inferd_samples: dict[str, list[float]] = {t["name"]: [] for t in texts}
+        unfused_samples: dict[str, list[float]] = {t["name"]: [] for t in texts}
         for _ in range(args.rounds):
             for t in texts:
                 samples, tokens = time_ort(ort_side, t["text"], args.iters, args.warmup)
                 assert tokens == int(t["name"]), (model, tokens, t["name"])
                 ort_samples[t["name"]] += samples
-            for name, row in time_inferd(args.binary, model_dir, texts, args.iters, args.warmup).items():
-                assert row["tokens"] == int(name), (model, row["tokens"], name)
-                inferd_samples[name] += row["samples_ms"]
+            sides = [(True, inferd_samples)] + ([(False, unfused_samples)] if before else [])
+            for fusions, into in sides:
+                rows = time_inferd(args.binary, model_dir, texts, args.iters, args.warmup, fusions)
+                for name, row in rows.items():
+                    assert row["tokens"] == int(name), (model, row["tokens"], name)
+                    into[name] += row["samples_ms"]
         for t in texts:
             o, i = ort_samples[t["name"]], inferd_samples[t["name"]]
             ratio = statistics.median(i) / statistics.median(o)
-            print(f"| {model} | {t['name']} | {statistics.median(o):.2f} / {pct(o, 0.99):.2f} | "
-                  f"{statistics.median(i):.2f} / {pct(i, 0.99):.2f} | {ratio:.2f}x |", flush=True)
+            row = (f"| {model} | {t['name']} | {statistics.median(o):.2f} / {pct(o, 0.99):.2f} | "
+                   f"{statistics.median(i):.2f} / {pct(i, 0.99):.2f} | {ratio:.2f}x |")
+            if before:
+                u = unfused_samples[t["name"]]
+                row += (f" {statistics.median(u):.2f} / {pct(u, 0.99):.2f} | "
+                        f"{statistics.median(u) / statistics.median(o):.2f}x |")
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

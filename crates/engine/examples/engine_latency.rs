@@ -12,6 +12,8 @@
 //! mean-pool, normalise; one thread) and prints one JSON line:
 //! `{"name", "tokens", "samples_ms": [...]}`. The caller computes the
 //! statistics, so both sides of the comparison are summarised the same way.
+//! `--no-fusions` loads the engine without its load-time fusions
+//! (`EngineConfig::fusions`): the engine as it was before them.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,7 +21,9 @@ use std::time::Instant;
 use inferd_engine::{Engine, EngineConfig};
 
 fn usage() -> ! {
-    eprintln!("usage: engine_latency --model-dir DIR --texts FILE [--iters N] [--warmup N]");
+    eprintln!(
+        "usage: engine_latency --model-dir DIR --texts FILE [--iters N] [--warmup N] [--no-fusions]"
+    );
     std::process::exit(2)
 }
 
@@ -28,6 +32,7 @@ fn main() {
     let mut texts_file: Option<PathBuf> = None;
     let mut iters = 200usize;
     let mut warmup = 10usize;
+    let mut fusions = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
@@ -36,6 +41,7 @@ fn main() {
             "--texts" => texts_file = Some(PathBuf::from(value())),
             "--iters" => iters = value().parse().unwrap_or_else(|_| usage()),
             "--warmup" => warmup = value().parse().unwrap_or_else(|_| usage()),
+            "--no-fusions" => fusions = false,
             _ => usage(),
         }
     }
@@ -52,7 +58,9 @@ fn main() {
             );
             std::process::exit(2)
         });
-    let engine = Engine::load(&EngineConfig::for_model_dir(&model_dir)).unwrap_or_else(|err| {
+    let mut config = EngineConfig::for_model_dir(&model_dir);
+    config.fusions = fusions;
+    let engine = Engine::load(&config).unwrap_or_else(|err| {
         eprintln!("engine_latency: cannot load {}: {err}", model_dir.display());
         std::process::exit(1)
     });

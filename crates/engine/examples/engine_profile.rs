@@ -6,6 +6,9 @@
 //!     --model-dir ~/.cache/inferd/models/all-MiniLM-L6-v2 --tokens 242 [--runs 50] [--top 15]
 //! ```
 //!
+//! `--no-fusions` profiles the plan without the engine's load-time fusions
+//! (`EngineConfig::fusions`), as tract alone optimizes it.
+//!
 //! The text is the most words of prose that make at most `--tokens` tokens
 //! ([CLS] and [SEP] included; the first line says how many). Prints, per op kind, the total time per run, the node count and
 //! the share; then the `--top` slowest nodes. Uses tract's per-node
@@ -19,7 +22,9 @@ use std::time::Duration;
 use inferd_engine::{Engine, EngineConfig};
 
 fn usage() -> ! {
-    eprintln!("usage: engine_profile --model-dir DIR --tokens N [--runs N] [--top N]");
+    eprintln!(
+        "usage: engine_profile --model-dir DIR --tokens N [--runs N] [--top N] [--no-fusions]"
+    );
     std::process::exit(2)
 }
 
@@ -33,6 +38,7 @@ fn main() {
     let mut tokens = 242usize;
     let mut runs = 50usize;
     let mut top = 15usize;
+    let mut fusions = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
@@ -41,11 +47,14 @@ fn main() {
             "--tokens" => tokens = value().parse().unwrap_or_else(|_| usage()),
             "--runs" => runs = value().parse().unwrap_or_else(|_| usage()),
             "--top" => top = value().parse().unwrap_or_else(|_| usage()),
+            "--no-fusions" => fusions = false,
             _ => usage(),
         }
     }
     let Some(model_dir) = model_dir else { usage() };
-    let engine = Engine::load(&EngineConfig::for_model_dir(&model_dir)).unwrap_or_else(|err| {
+    let mut config = EngineConfig::for_model_dir(&model_dir);
+    config.fusions = fusions;
+    let engine = Engine::load(&config).unwrap_or_else(|err| {
         eprintln!("engine_profile: cannot load {}: {err}", model_dir.display());
         std::process::exit(1)
     });

@@ -13,8 +13,10 @@
 //!    the int8 file fails to unify `Sym(sequence)` with `Sym(S)`).
 //! 3. Types the graph, keeps only the rank-3 f32 output (the token embeddings
 //!    `[batch, seq, dim]`; some exports carry extra outputs, one of them
-//!    pooled but not normalised), optimizes it and builds **one** runnable
-//!    plan, single-threaded. That single plan serves every batch size and
+//!    pooled but not normalised), declutters it, fuses what tract would
+//!    leave to its slow generic loops (GELU, the attention softmax, every
+//!    f32 elementwise op: the `fuse` module), optimizes it and builds **one**
+//!    runnable plan, single-threaded. That single plan serves every batch size and
 //!    sequence length. Building a plan per concrete shape would be faster to
 //!    write but each plan holds its own copy of the weights, so the process
 //!    would grow with every new input length (measured 16 MB → 329 MB over
@@ -84,11 +86,16 @@ pub struct EngineConfig {
     /// tokenized whole. Off only to compare with, or to measure what it
     /// saves.
     pub bounded_tokenization: bool,
+    /// Apply the load-time fusions of the optimized graph (GELU, attention
+    /// softmax, flat elementwise ops; see the `fuse` module docs). Off only
+    /// to measure what they save; the results agree to ~1e-7.
+    pub fusions: bool,
 }
 
 impl EngineConfig {
     /// A config with the defaults: truncation at [`DEFAULT_MAX_SEQ_LEN`],
-    /// normalisation, the gather rewrite and bounded tokenization on.
+    /// normalisation, the gather rewrite, bounded tokenization and the
+    /// fusions on.
     pub fn new(model_path: impl Into<PathBuf>, tokenizer_path: impl Into<PathBuf>) -> EngineConfig {
         EngineConfig {
             model_path: model_path.into(),
@@ -97,6 +104,7 @@ impl EngineConfig {
             normalize: true,
             gather_before_dequantize: true,
             bounded_tokenization: true,
+            fusions: true,
         }
     }
 
@@ -371,16 +379,25 @@ impl Engine {
             .refresh_output_facts()
             .map_err(|e| EngineError::OptimizeModel(e.into()))?;
         // What tract's declutter leaves to its slow generic loops (see
-        // `fuse`): fused before codegen so the optimizer sees the fused ops.
-        let fused_gelus =
-            fuse::fuse_gelu(&mut typed).map_err(|e| EngineError::OptimizeModel(e.into()))?;
-        let fused_softmaxes = fuse::fuse_masked_softmax(&mut typed)
-            .map_err(|e| EngineError::OptimizeModel(e.into()))?;
-        typed
-            .optimize()
-            .map_err(|e| EngineError::OptimizeModel(e.into()))?;
-        let flat_binaries =
-            fuse::flatten_binaries(&mut typed).map_err(|e| EngineError::OptimizeModel(e.into()))?;
+        // `fuse`): fused before codegen so the optimizer sees the fused ops;
+        // the elementwise ops are flattened after it, once codegen has placed
+        // what it could.
+        let optimize_error = |e: TractError| EngineError::OptimizeModel(e.into());
+        let (fused_gelus, fused_softmaxes, split_products) = if config.fusions {
+            (
+                fuse::fuse_gelu(&mut typed).map_err(optimize_error)?,
+                fuse::fuse_masked_softmax(&mut typed).map_err(optimize_error)?,
+                fuse::split_long_products(&mut typed).map_err(optimize_error)?,
+            )
+        } else {
+            (0, 0, 0)
+        };
+        typed.optimize().map_err(optimize_error)?;
+        let flat_binaries = if config.fusions {
+            fuse::flatten_binaries(&mut typed).map_err(optimize_error)?
+        } else {
+            0
+        };
         let optimized = typed;
         // Explicitly single-threaded: workers = cores is the scaling model,
         // and tract's multithreaded matmul gains little on these shapes.
@@ -405,6 +422,7 @@ impl Engine {
             gather_rewrites = rewritten,
             fused_gelus,
             fused_softmaxes,
+            split_products,
             flat_binaries,
             max_seq_len = config.max_seq_len,
             bounded_tokenization = bounded.is_some(),
