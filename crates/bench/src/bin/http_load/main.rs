@@ -111,6 +111,12 @@ struct Args {
     /// as the servers' rather than as other people's (repeatable).
     #[arg(long, value_name = "PID")]
     watch_pid: Vec<i32>,
+    /// A process whose own CPU time (all its threads, not its children:
+    /// inferd's supervisor) is reported per 1000 answered requests of the
+    /// whole run, warm-up included. Meaningful when every target is served
+    /// by it.
+    #[arg(long, value_name = "PID")]
+    cpu_pid: Option<i32>,
     /// Write the full report (per-round figures included) here as JSON.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -278,6 +284,8 @@ struct Report {
     load_after: Option<[f64; 3]>,
     /// CPU use over the run (warm-up included), by whom.
     cpu: Option<cpu::Usage>,
+    /// `--cpu-pid`'s own CPU per 1000 answered requests (warm-up included).
+    process_cpu: Option<cpu::ProcessCpu>,
     targets: Vec<TargetReport>,
 }
 
@@ -366,6 +374,7 @@ fn real_main() -> Result<bool> {
 
     let load_before = load_average();
     let cpu_before = cpu::Sample::take(&args.watch_pid);
+    let process_before = args.cpu_pid.and_then(cpu::process_cpu_ns);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -374,6 +383,7 @@ fn real_main() -> Result<bool> {
     let cpu_usage = cpu_before
         .zip(cpu::Sample::take(&args.watch_pid))
         .map(|(before, after)| before.usage_until(&after));
+    let process_after = args.cpu_pid.and_then(cpu::process_cpu_ns);
     let load_after = load_average();
 
     let base_first = tallies[0].first.clone();
@@ -419,6 +429,13 @@ fn real_main() -> Result<bool> {
         load_before,
         load_after,
         cpu: cpu_usage,
+        process_cpu: args.cpu_pid.zip(process_before).zip(process_after).map(
+            |((pid, before), after)| {
+                let answers = reports.iter().map(|t| t.summary.requests).sum::<usize>()
+                    + args.warmup * clients * targets.len();
+                cpu::ProcessCpu::new(pid, after.saturating_sub(before), answers)
+            },
+        ),
         targets: reports,
     };
 
@@ -623,6 +640,13 @@ fn print_plain(out: &mut impl std::io::Write, report: &Report) -> Result<()> {
             writeln!(out, "    (no --watch-pid: \"others\" includes the servers)")?;
         }
     }
+    if let Some(p) = &report.process_cpu {
+        writeln!(
+            out,
+            "process {} CPU: {:.1} ms per 1000 answered requests ({} answers)",
+            p.pid, p.ms_per_1000_answers, p.answers
+        )?;
+    }
     writeln!(
         out,
         "{:<24} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8} {:>9} {:>12} {:>11} {:>10}",
@@ -684,11 +708,11 @@ fn print_markdown(out: &mut impl std::io::Write, report: &Report, header: bool) 
         writeln!(
             out,
             "| scenario | text | batch | clients | target | req/s | texts/s | p50 ms | p90 ms | p99 ms \
-             | p50 vs base | Δp50 (paired) | req/s vs base | others' CPU |"
+             | p50 vs base | Δp50 (paired) | req/s vs base | others' CPU | supervisor CPU per 1000 req |"
         )?;
         writeln!(
             out,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         )?;
     }
     // Other people's CPU use when the servers are watched, else the load
@@ -713,7 +737,7 @@ fn print_markdown(out: &mut impl std::io::Write, report: &Report, header: bool) 
         };
         writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             report.scenario.as_deref().unwrap_or(""),
             report.texts.describe(),
             report.batch,
@@ -728,6 +752,10 @@ fn print_markdown(out: &mut impl std::io::Write, report: &Report, header: bool) 
             paired,
             thr,
             load,
+            report
+                .process_cpu
+                .as_ref()
+                .map_or_else(|| "–".to_owned(), |p| format!("{:.1} ms", p.ms_per_1000_answers)),
         )?;
     }
     Ok(())
