@@ -443,23 +443,8 @@ impl Engine {
     /// Embeds all `texts` as one padded batch. The result holds one vector
     /// per text, in order. An empty slice is an error ([`EngineError::EmptyBatch`]).
     pub fn embed(&self, texts: &[String]) -> Result<Embeddings, EngineError> {
-        if texts.is_empty() {
-            return Err(EngineError::EmptyBatch);
-        }
-        let encodings = texts
-            .iter()
-            .map(|t| self.tokenize(t))
-            .collect::<Result<Vec<Encoding>, _>>()?;
-
+        let (encodings, seq) = self.encode_batch(texts)?;
         let batch = encodings.len();
-        // At least one position, so a tokenizer that yields no token for an
-        // empty string still gives the model a valid (fully masked) input.
-        let seq = encodings
-            .iter()
-            .map(Encoding::len)
-            .max()
-            .unwrap_or(0)
-            .max(1);
         let inputs = self.input_tensors(&encodings, seq)?;
 
         let outputs = self
@@ -547,19 +532,7 @@ impl Engine {
     /// profile that guides the engine's rewrites (`examples/engine_profile`).
     /// Diagnostic only; it adds a clock read around every node.
     pub fn profile(&self, texts: &[String], runs: usize) -> Result<Vec<NodeTime>, EngineError> {
-        if texts.is_empty() {
-            return Err(EngineError::EmptyBatch);
-        }
-        let encodings = texts
-            .iter()
-            .map(|t| self.tokenize(t))
-            .collect::<Result<Vec<Encoding>, _>>()?;
-        let seq = encodings
-            .iter()
-            .map(Encoding::len)
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let (encodings, seq) = self.encode_batch(texts)?;
         let model = self.plan.model();
         let mut times: Vec<Option<NodeTime>> = vec![None; model.nodes().len()];
         let mut state =
@@ -608,6 +581,26 @@ impl Engine {
     /// file stem.
     pub fn model_name(&self) -> &str {
         &self.model_name
+    }
+
+    /// The encodings of a batch and the length it is padded to.
+    fn encode_batch(&self, texts: &[String]) -> Result<(Vec<Encoding>, usize), EngineError> {
+        if texts.is_empty() {
+            return Err(EngineError::EmptyBatch);
+        }
+        let encodings = texts
+            .iter()
+            .map(|t| self.tokenize(t))
+            .collect::<Result<Vec<Encoding>, _>>()?;
+        // At least one position, so a tokenizer that yields no token for an
+        // empty string still gives the model a valid (fully masked) input.
+        let seq = encodings
+            .iter()
+            .map(Encoding::len)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        Ok((encodings, seq))
     }
 
     /// The `[batch, seq]` tensors for the plan's inputs, padded with zeros
