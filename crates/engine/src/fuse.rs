@@ -311,10 +311,10 @@ impl EvalOp for MaskedSoftmax {
             .remove(0)
             .into_tensor();
         if self.nan_to_zero {
+            // A store on every element, not only on NaNs: branch-free, so the
+            // loop vectorises.
             for p in probs.view_mut().as_slice_mut::<f32>()? {
-                if p.is_nan() {
-                    *p = 0.0;
-                }
+                *p = if p.is_nan() { 0.0 } else { *p };
             }
         }
         Ok(tvec!(probs.into_tvalue()))
