@@ -1,13 +1,14 @@
-//! Load-time fusions on tract's decluttered graph, where tract leaves a
-//! transformer's elementwise work to its generic broadcasting loop.
+//! Load-time rewrites of tract's graph where tract alone leaves a
+//! transformer slow: fusions of elementwise chains, flat elementwise ops, and
+//! the split of long matrix products.
 //!
 //! With the batch and sequence dims symbolic, tract cannot prove that
 //! `[batch, seq, 1536] × [1, 1, 1]` or `[batch, 12, seq, seq] + [batch, 1, 1,
 //! seq]` is worth its vectorised kernels (its prover does not bound a product
 //! of two symbols), so every such `Mul`/`Add` runs element by element through
 //! a generic broadcasting loop, ~4.5 ns per element: a third of a 242-token
-//! run of all-MiniLM-L6-v2 (`examples/engine_profile`). Two patterns cover
-//! nearly all of it:
+//! run of all-MiniLM-L6-v2 (`examples/engine_profile`). On the decluttered
+//! graph, before tract's codegen:
 //!
 //! * **GELU**, `x · 0.5 · (1 + erf(x / √2))`, five nodes over `[batch, seq,
 //!   1536]`. tract fuses it into its vectorised `GeluExact` only when the
@@ -20,12 +21,20 @@
 //!   [`MaskedSoftmax`] op that adds the broadcast mask row by row in place,
 //!   runs tract's own softmax kernel on the result and zeroes NaNs in the
 //!   same buffer.
+//! * **Long products** (k = 1536, the feed-forward down projection):
+//!   [`split_long_products`] runs them as two products over the halves of k,
+//!   summed, which tract's kernels run ~40% faster.
 //!
-//! Both compute what the graph computes, in the same order of operations per
-//! element, up to the association of the GELU product: the fixture tests hold
-//! the embeddings within 1e-4 of onnxruntime (measured: ~3e-7).
-//! `tests/fusions.rs` checks that both fire on both shipped models, so a
-//! tract upgrade that changes the decluttered graph fails loudly.
+//! On the optimized graph, [`flatten_binaries`] runs every f32 `Add`, `Sub`,
+//! `Mul` and `Div` left (generic, or placed by codegen on kernels that fall
+//! back to the generic loop for a size-1 axis with an odd stride) as a flat
+//! loop ([`FlatBinary`]).
+//!
+//! All compute what the graph computes, in the same order of operations per
+//! element, up to the association of the GELU product and of the split sums:
+//! the fixture tests hold the embeddings within 1e-4 of onnxruntime
+//! (measured: ~3e-7). `tests/fusions.rs` checks that each fires on both
+//! shipped models, so a tract upgrade that changes the graph fails loudly.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;

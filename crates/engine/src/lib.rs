@@ -13,10 +13,10 @@
 //!    the int8 file fails to unify `Sym(sequence)` with `Sym(S)`).
 //! 3. Types the graph, keeps only the rank-3 f32 output (the token embeddings
 //!    `[batch, seq, dim]`; some exports carry extra outputs, one of them
-//!    pooled but not normalised), declutters it, fuses what tract would
-//!    leave to its slow generic loops (GELU, the attention softmax, every
-//!    f32 elementwise op: the `fuse` module), optimizes it and builds **one**
-//!    runnable plan, single-threaded. That single plan serves every batch size and
+//!    pooled but not normalised), declutters it, rewrites what tract alone
+//!    leaves slow (GELU, the attention softmax, every f32 elementwise op,
+//!    products over k = 1536: the `fuse` module), optimizes it and builds
+//!    **one** runnable plan, single-threaded. That single plan serves every batch size and
 //!    sequence length. Building a plan per concrete shape would be faster to
 //!    write but each plan holds its own copy of the weights, so the process
 //!    would grow with every new input length (measured 16 MB → 329 MB over
@@ -86,9 +86,10 @@ pub struct EngineConfig {
     /// tokenized whole. Off only to compare with, or to measure what it
     /// saves.
     pub bounded_tokenization: bool,
-    /// Apply the load-time fusions of the optimized graph (GELU, attention
-    /// softmax, flat elementwise ops; see the `fuse` module docs). Off only
-    /// to measure what they save; the results agree to ~1e-7.
+    /// Apply the load-time rewrites of the graph (fused GELU and attention
+    /// softmax, flat elementwise ops, long products split; see the `fuse`
+    /// module docs). Off only to measure what they save; the results agree
+    /// to ~1e-7.
     pub fusions: bool,
 }
 
