@@ -282,13 +282,6 @@ impl PartialEq for MaskedSoftmax {
 
 impl Eq for MaskedSoftmax {}
 
-impl std::hash::Hash for MaskedSoftmax {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.scale.map(f32::to_bits).hash(state);
-        self.nan_to_zero.hash(state);
-    }
-}
-
 /// The name the fused op has in the plan (and in profiles).
 pub(crate) const MASKED_SOFTMAX: &str = "InferdMaskedSoftmax";
 
@@ -413,15 +406,22 @@ pub(crate) fn split_long_products(model: &mut TypedModel) -> TractResult<usize> 
     use tract_onnx::tract_core::ops::array::Slice;
     let mut split = 0;
     for id in model.eval_order()? {
-        let Some((op, name, inputs, weight_ix, weight, weight_axis, activation_axis)) =
-            long_product(model, id)?
+        let Some(LongProduct {
+            op,
+            name,
+            activation,
+            weight_ix,
+            weight,
+            weight_axis,
+            activation_axis,
+        }) = long_product(model, id)?
         else {
             continue;
         };
         let k = weight.shape()[weight_axis];
         let half = k / 2;
         let mut patch = TypedModelPatch::default();
-        let activation = patch.tap_model(model, inputs[1 - weight_ix])?;
+        let activation = patch.tap_model(model, activation)?;
         let mut halves = vec![];
         for (part, (start, end)) in [(0, half), (half, k)].into_iter().enumerate() {
             let w = patch.add_const(
@@ -452,26 +452,26 @@ pub(crate) fn split_long_products(model: &mut TypedModel) -> TractResult<usize> 
     Ok(split)
 }
 
-/// What [`split_long_products`] needs of node `id` if it is an f32 product
-/// of an activation by a constant weight over one contracted axis longer
-/// than [`MAX_UNSPLIT_K`] (and even): the op, the node's name and inputs,
-/// which input is the weight, the weight, and the contracted axis in the
-/// weight and in the activation.
-#[allow(clippy::type_complexity)]
-fn long_product(
-    model: &TypedModel,
-    id: usize,
-) -> TractResult<
-    Option<(
-        tract_onnx::tract_core::ops::einsum::EinSum,
-        String,
-        Vec<OutletId>,
-        usize,
-        Arc<Tensor>,
-        usize,
-        usize,
-    )>,
-> {
+/// A product [`split_long_products`] splits, with what it needs once the
+/// model is borrowed mutably.
+struct LongProduct {
+    op: tract_onnx::tract_core::ops::einsum::EinSum,
+    /// The node's name, for the new nodes' names.
+    name: String,
+    /// The activation input.
+    activation: OutletId,
+    /// Which input (0 or 1) is the weight.
+    weight_ix: usize,
+    weight: Arc<Tensor>,
+    /// The contracted axis in the weight and in the activation.
+    weight_axis: usize,
+    activation_axis: usize,
+}
+
+/// Node `id` as a [`LongProduct`] if it is an f32 product of an activation
+/// by a constant weight over one contracted axis longer than
+/// [`MAX_UNSPLIT_K`] (and even).
+fn long_product(model: &TypedModel, id: usize) -> TractResult<Option<LongProduct>> {
     use tract_onnx::tract_core::ops::einsum::EinSum;
     let node = model.node(id);
     let Some(op) = node.op_as::<EinSum>() else {
@@ -504,15 +504,15 @@ fn long_product(
     if k <= MAX_UNSPLIT_K || k % 2 != 0 {
         return Ok(None);
     }
-    Ok(Some((
-        op.clone(),
-        node.name.clone(),
-        node.inputs.clone(),
+    Ok(Some(LongProduct {
+        op: op.clone(),
+        name: node.name.clone(),
+        activation: node.inputs[1 - weight_ix],
         weight_ix,
         weight,
         weight_axis,
         activation_axis,
-    )))
+    }))
 }
 
 /// Replaces every f32 `Add`, `Sub`, `Mul` and `Div` of the optimized graph,
