@@ -667,14 +667,8 @@ fn print_plain(out: &mut impl std::io::Write, report: &Report) -> Result<()> {
     )?;
     for t in &report.targets {
         let s = &t.summary;
-        let (ratio, paired, thr) = match &t.versus_base {
-            Some(v) => (
-                format!("{:.3}", v.p50_ratio),
-                format!("{:+.3} ms", v.p50_diff_paired_ms),
-                format!("{:.3}", v.throughput_ratio),
-            ),
-            None => ("base".into(), "".into(), "base".into()),
-        };
+        let [ratio, paired, thr] =
+            versus_cells(t.versus_base.as_ref(), 3, "", ["base", "", "base"]);
         writeln!(
             out,
             "{:<24} {:>7} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>6} {:>8} {:>9} {:>12} {:>11} {:>10}",
@@ -703,6 +697,25 @@ fn print_plain(out: &mut impl std::io::Write, report: &Report) -> Result<()> {
     Ok(())
 }
 
+/// The "versus the baseline" cells of a target's row: p50 ratio, paired
+/// Δp50 and throughput ratio, with `digits` decimals and the ratios followed
+/// by `times`; `base` for the baseline itself.
+fn versus_cells(
+    versus: Option<&Versus>,
+    digits: usize,
+    times: &str,
+    base: [&str; 3],
+) -> [String; 3] {
+    match versus {
+        Some(v) => [
+            format!("{:.digits$}{times}", v.p50_ratio),
+            format!("{:+.digits$} ms", v.p50_diff_paired_ms),
+            format!("{:.digits$}{times}", v.throughput_ratio),
+        ],
+        None => base.map(str::to_owned),
+    }
+}
+
 fn print_markdown(out: &mut impl std::io::Write, report: &Report, header: bool) -> Result<()> {
     if header {
         writeln!(
@@ -727,14 +740,8 @@ fn print_markdown(out: &mut impl std::io::Write, report: &Report, header: bool) 
     };
     for t in &report.targets {
         let s = &t.summary;
-        let (ratio, paired, thr) = match &t.versus_base {
-            Some(v) => (
-                format!("{:.2}×", v.p50_ratio),
-                format!("{:+.2} ms", v.p50_diff_paired_ms),
-                format!("{:.2}×", v.throughput_ratio),
-            ),
-            None => ("1.00×".into(), "(base)".into(), "1.00×".into()),
-        };
+        let [ratio, paired, thr] =
+            versus_cells(t.versus_base.as_ref(), 2, "×", ["1.00×", "(base)", "1.00×"]);
         writeln!(
             out,
             "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
