@@ -6,7 +6,11 @@
 //! owns the workers ([`worker`], [`process`]). SIGTERM and SIGINT are events
 //! in the main `select!`: they stop the accept loop and cancel one token that
 //! every task watches; the pool then drains and stops its workers, and the
-//! socket file is removed when the listener is dropped.
+//! socket file is removed when the listener is dropped. A second stop signal
+//! during the drain cancels a second token that cuts the drain short. Nothing
+//! in the main `select!` waits inside an arm (a SIGHUP's roll is sent from
+//! its own task, a failed accept pauses the listeners with a timer arm), so
+//! signals are always handled.
 
 pub mod access;
 pub mod activation;
@@ -116,6 +120,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
     };
 
     let shutdown = CancellationToken::new();
+    let hurry = CancellationToken::new();
     let (pool_tx, pool_rx) = mpsc::channel(POOL_CHANNEL);
     let limits = connections::ConnectionLimits::new(
         connection_cap(&config, nofile),
@@ -141,6 +146,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         seams,
         pool_rx,
         shutdown.clone(),
+        hurry.clone(),
     ));
     let connection_tasks = TaskTracker::new();
     let http_shared = Arc::new(http::HttpShared::new(
@@ -170,6 +176,10 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
     }
     info!(workers = config.workers, model = %config.model.display(), "inferd started");
     let mut next_conn_id: u64 = 0;
+    // A failed accept pauses both listeners for a moment; the pause is an
+    // event of its own so that signals are handled meanwhile.
+    let mut accept_pause = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+    let mut accept_paused = false;
 
     let pool_result = loop {
         let Some(listener) = socket.listener() else {
@@ -184,11 +194,15 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                 if let Some(reloaded) = reload(&args, &config, &notifier) {
                     config = reloaded;
                     http_shared.set_api_keys(config.api_keys.clone());
-                    // The pool answers nothing here: the roll runs on its own.
-                    let _ = pool_tx.send(pool::PoolMsg::Roll { config: Some(config.clone()), responder: None }).await;
+                    // Sent from a task of its own: waiting here for room in a
+                    // full channel would hold up signal handling.
+                    let roll = pool::PoolMsg::Roll { config: Some(config.clone()), responder: None };
+                    let pool_tx = pool_tx.clone();
+                    tokio::spawn(async move { let _ = pool_tx.send(roll).await; });
                 }
             }
-            accepted = listener.accept() => match accepted {
+            () = &mut accept_pause, if accept_paused => accept_paused = false,
+            accepted = listener.accept(), if !accept_paused => match accepted {
                 Ok((stream, _)) => {
                     next_conn_id += 1;
                     let cx = server::ServeContext {
@@ -204,10 +218,11 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                 }
                 Err(err) => {
                     warn!(error = %err, "accept failed; backing off");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    accept_pause.as_mut().reset(tokio::time::Instant::now() + ACCEPT_BACKOFF);
+                    accept_paused = true;
                 }
             },
-            accepted = accept_tcp(http_listener.as_ref()) => match accepted {
+            accepted = accept_tcp(http_listener.as_ref()), if !accept_paused => match accepted {
                 Ok((stream, remote)) => {
                     next_conn_id += 1;
                     let cx = http::TcpContext {
@@ -225,7 +240,8 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                 }
                 Err(err) => {
                     warn!(error = %err, "HTTP accept failed; backing off");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    accept_pause.as_mut().reset(tokio::time::Instant::now() + ACCEPT_BACKOFF);
+                    accept_paused = true;
                 }
             },
             result = &mut pool_task => { break Some(result); }
@@ -236,7 +252,17 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
     drop(pool_tx);
     let pool_result = match pool_result {
         Some(result) => result,
-        None => (&mut pool_task).await,
+        None => {
+            // A second SIGTERM or SIGINT cuts the drain short, as systemd
+            // and nginx users expect.
+            loop {
+                tokio::select! {
+                    result = &mut pool_task => break result,
+                    _ = sigterm.recv() => hurry_drain(&hurry, "SIGTERM"),
+                    _ = sigint.recv() => hurry_drain(&hurry, "SIGINT"),
+                }
+            }
+        }
     };
     connection_tasks.close();
     if tokio::time::timeout(FLUSH_TIMEOUT, connection_tasks.wait())
@@ -259,9 +285,15 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
     }
 }
 
-/// Raises the soft descriptor limit to the hard one, so that connections
-/// and worker spawns do not compete for the 1024 a service gets by default.
-/// Returns the soft limit in force, if it could be read.
+/// A stop signal during the drain: the pool answers what is left
+/// `shutting_down` and stops its workers now.
+fn hurry_drain(hurry: &CancellationToken, signal: &str) {
+    if !hurry.is_cancelled() {
+        warn!(signal, "second stop signal during the drain: stopping now");
+        hurry.cancel();
+    }
+}
+
 /// The next connection of the TCP listener; never, without one.
 async fn accept_tcp(
     listener: Option<&tokio::net::TcpListener>,
@@ -272,6 +304,9 @@ async fn accept_tcp(
     }
 }
 
+/// Raises the soft descriptor limit to the hard one, so that connections
+/// and worker spawns do not compete for the 1024 a service gets by default.
+/// Returns the soft limit in force, if it could be read.
 fn raise_nofile() -> Option<u64> {
     match fdlimit::raise_nofile() {
         Ok(limit) => {

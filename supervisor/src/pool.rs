@@ -204,11 +204,17 @@ pub struct Pool {
 impl Pool {
     /// Runs the pool until a drain completes: requests arrive on `requests`;
     /// `shutdown` starts the drain.
+    ///
+    /// `hurry` cuts a drain short (a second SIGTERM): what is still queued
+    /// or running is answered `shutting_down` at once and the workers are
+    /// stopped. Messages still in `requests` when the pool stops are
+    /// answered `shutting_down` too, never dropped.
     pub async fn run(
         config: Arc<Config>,
         seams: Seams,
         mut requests: mpsc::Receiver<PoolMsg>,
         shutdown: CancellationToken,
+        hurry: CancellationToken,
     ) -> Result<(), PoolError> {
         let mut sigchld = signal(SignalKind::child()).map_err(PoolError::Signal)?;
         let (io_events, mut io_rx) = mpsc::unbounded_channel();
@@ -250,8 +256,15 @@ impl Pool {
                 _ = shutdown.cancelled(), if matches!(pool.phase, Phase::Running) => {
                     pool.begin_drain(Instant::now());
                 }
+                _ = hurry.cancelled(), if pool.may_hurry() => pool.hurry_drain(Instant::now()),
             }
             if pool.drained() {
+                // Whatever connections sent meanwhile is answered, not
+                // dropped: a dropped message would answer `internal`.
+                requests.close();
+                while let Ok(msg) = requests.try_recv() {
+                    msg.refuse(RequestError::ShuttingDown);
+                }
                 info!("pool stopped");
                 return Ok(());
             }
@@ -1112,6 +1125,22 @@ impl Pool {
         self.drain_step(deadline, now);
     }
 
+    /// A drain whose deadline is still ahead can be cut short.
+    fn may_hurry(&self) -> bool {
+        matches!(self.phase, Phase::Draining { deadline } if deadline > Instant::now())
+    }
+
+    /// Cuts the drain short: its deadline is now.
+    fn hurry_drain(&mut self, now: Instant) {
+        warn!(
+            queued = self.queue.len(),
+            running = self.workers.values().filter(|w| w.has_job()).count(),
+            "second stop signal: cutting the drain short"
+        );
+        self.phase = Phase::Draining { deadline: now };
+        self.drain_step(now, now);
+    }
+
     /// One step of the drain: past the deadline, give up on remaining work;
     /// once no work is left, ask every worker to exit.
     fn drain_step(&mut self, deadline: Instant, now: Instant) {
@@ -1246,4 +1275,82 @@ fn oom_evidence(worker: &Worker) -> OomEvidence {
 
 fn count_failure(counters: &mut Counters, kind: &str) {
     *counters.requests_failed.entry(kind.to_owned()).or_default() += 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use inferd_proto::ServerMessage;
+
+    use super::*;
+    use crate::connections::ConnectionLimits;
+    use crate::memory::ProcfsMemory;
+
+    /// A configuration whose workers can never start (no such binary): the
+    /// pool runs with no worker at all.
+    fn workerless_config() -> Arc<Config> {
+        Arc::new(Config {
+            model: "/nonexistent/model.onnx".into(),
+            tokenizer: "/nonexistent/tokenizer.json".into(),
+            worker_binary: "/nonexistent/inferd-worker".into(),
+            ..Config::default()
+        })
+    }
+
+    fn test_seams() -> Seams {
+        Seams {
+            memory: Box::new(ProcfsMemory::new(false)),
+            cgroups: None,
+            cgroup_summary: "off (test)".into(),
+            notifier: Notifier::disabled(),
+            connections: ConnectionLimits::new(16, 16),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn messages_still_queued_when_the_pool_stops_are_answered_shutting_down() {
+        let (pool_tx, pool_rx) = mpsc::channel(256);
+        let (answers_tx, mut answers) = mpsc::unbounded_channel();
+        for id in 0..200 {
+            let responder = Responder::new(id, answers_tx.clone());
+            let msg = if id % 2 == 0 {
+                PoolMsg::Status { responder }
+            } else {
+                PoolMsg::Metrics { responder }
+            };
+            pool_tx.try_send(msg).expect("room in the channel");
+        }
+        drop(answers_tx);
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let run = Pool::run(
+            workerless_config(),
+            test_seams(),
+            pool_rx,
+            shutdown,
+            CancellationToken::new(),
+        );
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("a pool with no worker stops at once when told to")
+            .expect("pool ran");
+        // The pool stopped while `pool_tx` is still open: whatever it did
+        // not handle must have been answered all the same.
+        let (mut served, mut refused) = (0, 0);
+        while let Some(answer) = answers.recv().await {
+            match answer {
+                ServerMessage::Status { .. } | ServerMessage::Metrics { .. } => served += 1,
+                ServerMessage::Error {
+                    error: RequestError::ShuttingDown,
+                    ..
+                } => refused += 1,
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        assert_eq!(served + refused, 200, "every message answered once");
+        assert!(
+            refused > 0,
+            "the pool stopped before it had handled all 200 messages"
+        );
+        assert!(pool_tx.is_closed(), "the pool closed its end");
+    }
 }

@@ -96,6 +96,55 @@ async fn sigterm_answers_in_flight_requests_then_exits_0() {
     }
 }
 
+#[tokio::test]
+async fn a_second_sigterm_cuts_the_drain_short() {
+    // The drain would wait up to two minutes for a request that never ends.
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .workers(1)
+            .request_timeout(Duration::from_secs(120))
+            .default_deadline(Duration::from_secs(120))
+            .drain_timeout(Duration::from_secs(120))
+            .chaos("hang_marker", "__hang__"),
+    )
+    .await;
+    let workers = worker_pids(&daemon.status().await);
+    let socket = daemon.socket_path().to_path_buf();
+    let hung = tokio::spawn(async move {
+        let mut client = Client::connect(&socket).await.expect("connect");
+        client.embed(vec!["__hang__".into()], None).await
+    });
+    daemon
+        .wait_for(|s| busy_count(s) == 1, Duration::from_secs(30))
+        .await;
+
+    daemon.signal(Signal::SIGTERM);
+    daemon
+        .wait_for_log("draining", Duration::from_secs(10))
+        .await;
+    assert!(
+        daemon.exit_status().is_none(),
+        "the first SIGTERM drains: the hung request keeps the daemon up"
+    );
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("a second SIGTERM did not end the drain within 20 s"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let answer = tokio::time::timeout(Duration::from_secs(5), hung)
+        .await
+        .expect("the hung request is answered")
+        .expect("client task");
+    match answer {
+        Err(ClientError::Request(RequestError::ShuttingDown)) => {}
+        other => panic!("the request cut off by the second SIGTERM got {other:?}"),
+    }
+    if let Err(alive) = wait_pids_gone(&workers, Duration::from_secs(5)).await {
+        panic!("workers {alive:?} outlived the daemon");
+    }
+}
+
 async fn idle_signal_exits_cleanly(signal: Signal) {
     let daemon = Daemon::start(DaemonConfig::new()).await;
     let workers = worker_pids(&daemon.status().await);
