@@ -84,7 +84,7 @@ pub use frame::{
 pub use message::*;
 
 /// Version of the message layer. Bump on any change to the message enums.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Everything that can go wrong on a framed connection.
 #[derive(Debug, thiserror::Error)]

@@ -278,6 +278,13 @@ pub enum RequestError {
         /// Which rule refused it.
         reason: String,
     },
+    /// A rolling restart gave up: its new workers could not start, so the
+    /// old ones keep serving with the configuration they were started with.
+    #[error("roll failed: {reason}")]
+    RollFailed {
+        /// Why the new workers could not start.
+        reason: String,
+    },
     /// A bug or an unexpected condition in the daemon.
     #[error("internal error: {message}")]
     Internal {
@@ -298,6 +305,7 @@ impl RequestError {
             Self::Unavailable { .. } => "unavailable",
             Self::TooManyConnections { .. } => "too_many_connections",
             Self::PermissionDenied { .. } => "permission_denied",
+            Self::RollFailed { .. } => "roll_failed",
             Self::Internal { .. } => "internal",
         }
     }
@@ -391,8 +399,52 @@ pub struct PoolStatus {
     /// The latest worker exits, oldest first.
     #[serde(deserialize_with = "bounded::vec")]
     pub recent_exits: Vec<ExitRecord>,
+    /// The rolling restart under way, or the last one.
+    pub roll: Option<RollReport>,
     /// Cumulative counters.
     pub counters: Counters,
+}
+
+/// A rolling restart (SIGHUP or `inferctl roll`), as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollReport {
+    /// The roll's generation: it replaces every worker of an older one.
+    pub generation: u64,
+    /// Workers replaced so far (the old one stopped after its replacement
+    /// was Ready).
+    pub replaced: u32,
+    /// Where it stands.
+    pub state: RollState,
+}
+
+/// Where a rolling restart stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RollState {
+    /// Replacing workers; the new configuration is not proven until one
+    /// new worker is Ready.
+    Running {
+        /// A new worker was Ready: the new configuration is in force.
+        proven: bool,
+    },
+    /// Every old worker was replaced.
+    Done,
+    /// New workers could not start; the old ones keep serving with the
+    /// configuration they were started with.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for RollState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Running { proven: false } => f.write_str("running, new configuration not yet proven"),
+            Self::Running { proven: true } => f.write_str("running"),
+            Self::Done => f.write_str("done"),
+            Self::Failed { reason } => write!(f, "FAILED: {reason}"),
+        }
+    }
 }
 
 /// One worker exit, as classified by the supervisor.
@@ -668,6 +720,13 @@ mod tests {
                 age_secs: 2.0,
                 uptime_at_exit_secs: 3.0,
             }],
+            roll: Some(RollReport {
+                generation: 2,
+                replaced: 1,
+                state: RollState::Failed {
+                    reason: "model.onnx: not an ONNX file".into(),
+                },
+            }),
             counters: Counters {
                 requests_abandoned: 2,
                 connections_refused: [("max_connections".to_owned(), 5)].into(),

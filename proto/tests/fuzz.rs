@@ -31,7 +31,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use inferd_proto::{
     decode_payload, encode_frame, ChaosOptions, ClientMessage, Counters, EmbedResult, ExitRecord,
-    FrameDecoder, Hello, PoolStatus, ProtoError, RequestError, RequestLimits, ServerMessage,
+    FrameDecoder, Hello, PoolStatus, ProtoError, RequestError, RequestLimits, RollReport, RollState, ServerMessage,
     Timing, Token, TokenizeResult, WorkerCommand, WorkerConfig, WorkerEvent, WorkerStatus,
     MAX_TEXTS_PER_REQUEST,
 };
@@ -225,7 +225,7 @@ fn texts(rng: &mut Rng) -> Vec<String> {
 }
 
 fn request_error(rng: &mut Rng) -> RequestError {
-    match rng.below(10) {
+    match rng.below(11) {
         0 => RequestError::BadRequest {
             reason: rng.string(),
         },
@@ -246,6 +246,9 @@ fn request_error(rng: &mut Rng) -> RequestError {
             reason: rng.string(),
         },
         7 => RequestError::PermissionDenied {
+            reason: rng.string(),
+        },
+        8 => RequestError::RollFailed {
             reason: rng.string(),
         },
         _ => RequestError::Internal {
@@ -306,6 +309,19 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
             requests_served: rng.int(),
             age_secs: rng.int() as f64,
             uptime_at_exit_secs: 0.5,
+        }),
+        roll: rng.option(|rng| RollReport {
+            generation: rng.int(),
+            replaced: rng.int() as u32,
+            state: match rng.below(3) {
+                0 => RollState::Running {
+                    proven: rng.one_in(2),
+                },
+                1 => RollState::Done,
+                _ => RollState::Failed {
+                    reason: rng.string(),
+                },
+            },
         }),
         counters: Counters {
             requests_accepted: rng.int(),

@@ -385,6 +385,13 @@ fn prepare_cgroups(config: &Config) -> (Option<cgroup::Cgroups>, String) {
 /// changes nothing; settings that only take effect at start (the socket and
 /// the framing limit) keep their running values, with a warning.
 fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Option<Arc<Config>> {
+    let refuse = |reason: String| {
+        error!(error = %reason, "SIGHUP: invalid configuration; keeping the running one and rolling nothing");
+        // systemd waits for READY=1 after a reload, even a failed one.
+        notifier.reloading();
+        notifier.ready(&format!("reload failed: {reason}"));
+        None
+    };
     let mut new = match Config::load(args) {
         Ok(new) => new,
         Err(err) => {
@@ -395,13 +402,16 @@ fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Op
                 .filter(|line| !line.is_empty())
                 .collect::<Vec<_>>()
                 .join(" ");
-            error!(error = %reason, "SIGHUP: invalid configuration; keeping the running one and rolling nothing");
-            // systemd waits for READY=1 after a reload, even a failed one.
-            notifier.reloading();
-            notifier.ready(&format!("reload failed: {reason}"));
-            return None;
+            return refuse(reason);
         }
     };
+    // At start a missing model leaves the daemon up and saying why; a
+    // reload must not trade working workers for that.
+    for (key, path) in [("model", &new.model), ("tokenizer", &new.tokenizer)] {
+        if !path.is_file() {
+            return refuse(format!("{key}: {} is not a file", path.display()));
+        }
+    }
     let start_only = [
         ("socket", new.socket != running.socket),
         ("socket_mode", new.socket_mode != running.socket_mode),

@@ -23,6 +23,7 @@
 //! | `inferd_connections` | | client connections open |
 //! | `inferd_connections_max` | | the connection cap in force (`max_connections`, lowered at start if the descriptor limit is too small) |
 //! | `inferd_unavailable` | | 1 while the pool cannot serve requests (e.g. workers fail to load; the reason is in `inferctl status` and the log), else 0 |
+//! | `inferd_last_roll_failed` | | 1 when the last rolling restart gave up because its new workers could not start (the old ones keep serving; the reason is in `inferctl status`), else 0 |
 //! | `inferd_memory_soft_limit_bytes` | | per-worker memory above which a worker is recycled gracefully; only when set |
 //! | `inferd_memory_hard_limit_bytes` | | per-worker memory above which a worker is killed (and its cgroup's limit); only when set |
 //!
@@ -55,7 +56,7 @@
 use std::collections::BTreeMap;
 use std::fmt::{self, Display, Write as _};
 
-use inferd_proto::{PoolStatus, WorkerStatus};
+use inferd_proto::{PoolStatus, RollState, WorkerStatus};
 
 /// Worker lifecycle states, always exported (0 when no worker is in one).
 const WORKER_STATES: [&str; 6] = [
@@ -184,6 +185,16 @@ impl Display for Exposition<'_> {
             Gauge,
             "1 while the pool cannot serve requests (e.g. workers fail to load), else 0.",
             u64::from(status.unavailable_reason.is_some()),
+        )?;
+        scalar(
+            f,
+            "inferd_last_roll_failed",
+            Gauge,
+            "1 when the last rolling restart gave up (its new workers could not start), else 0.",
+            u64::from(matches!(
+                status.roll.as_ref().map(|r| &r.state),
+                Some(RollState::Failed { .. })
+            )),
         )?;
         if let Some(bytes) = status.soft_limit_bytes {
             scalar(
@@ -571,6 +582,7 @@ mod tests {
             hard_limit_bytes: Some(2 << 30),
             cgroups: "off".into(),
             recent_exits: Vec::new(),
+            roll: None,
             counters: Counters {
                 requests_accepted: 100,
                 requests_ok: 90,
@@ -686,6 +698,7 @@ mod tests {
             "inferd_connections",
             "inferd_connections_max",
             "inferd_unavailable",
+            "inferd_last_roll_failed",
             "inferd_memory_soft_limit_bytes",
             "inferd_memory_hard_limit_bytes",
             "inferd_worker_resident_memory_bytes",
@@ -849,6 +862,7 @@ mod tests {
             RequestError::PermissionDenied { reason: "".into() },
             RequestError::Internal { message: "".into() },
             RequestError::TooManyConnections { reason: "".into() },
+            RequestError::RollFailed { reason: "".into() },
         ];
         for error in errors {
             match &error {
@@ -862,6 +876,9 @@ mod tests {
                 | RequestError::Internal { .. } => {}
                 // A connection refusal, counted in connections_refused.
                 RequestError::TooManyConnections { .. } => continue,
+                // The answer to a roll, not to a request: the roll's own
+                // gauge shows it.
+                RequestError::RollFailed { .. } => continue,
             }
             assert!(FAILURE_KINDS.contains(&error.kind()), "{}", error.kind());
         }

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inferd_proto::{
-    Counters, ExitRecord, PoolStatus, RequestError, WorkerConfig, WorkerEvent, WorkerStatus,
+    Counters, ExitRecord, PoolStatus, RequestError, RollReport, RollState, WorkerConfig,
+    WorkerEvent, WorkerStatus,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -48,6 +49,9 @@ const RECENT_EXITS: usize = 16;
 /// Consecutive failed starts (with no worker Ready) after which requests are
 /// answered `unavailable` instead of waiting.
 const UNAVAILABLE_AFTER: u32 = 3;
+/// New workers of a rolling restart that may fail to start, before any of
+/// them was Ready, until the roll gives up.
+const ROLL_START_ATTEMPTS: u32 = 3;
 
 /// A message from a client connection to the pool.
 #[derive(Debug)]
@@ -112,13 +116,23 @@ impl PoolMsg {
     }
 }
 
-/// A rolling restart in progress.
+/// A rolling restart in progress. Its configuration is a candidate until
+/// one of its new workers is Ready: until then the pool keeps the running
+/// configuration (crash replacements start from it), and if new workers
+/// keep failing to start, the roll gives up and the old workers stay.
 #[derive(Debug)]
 struct RollProgress {
     /// Workers of an older generation are replaced.
     generation: u64,
-    /// `counters.recycles["roll"]` when it began, to count what it replaced.
-    recycles_before: u64,
+    /// The configuration its new workers start from.
+    candidate: Arc<Config>,
+    /// One of its new workers was Ready: `candidate` is the pool's
+    /// configuration now.
+    proven: bool,
+    /// Its new workers that ended before they were Ready, while unproven.
+    failed_starts: u32,
+    /// Old workers retired because their replacement was Ready.
+    replaced: u32,
     /// `inferctl roll` callers waiting for it to finish.
     waiters: Vec<Responder>,
 }
@@ -160,8 +174,12 @@ pub struct Seams {
 
 /// The pool task's state.
 pub struct Pool {
-    /// Daemon configuration.
+    /// Daemon configuration: the one new workers start from, except the
+    /// new workers of a roll that is not yet proven.
     config: Arc<Config>,
+    /// The roll generation `config` came in with; workers started from it
+    /// carry it.
+    config_generation: u64,
     /// Workers by id, including those on their way out until reaped.
     workers: BTreeMap<u64, Worker>,
     /// Accepted requests waiting for a worker, fair between clients;
@@ -185,10 +203,13 @@ pub struct Pool {
     last_memory_check: Instant,
     /// Latest worker exits, newest last.
     recent_exits: VecDeque<ExitRecord>,
-    /// Current roll generation; workers remember theirs.
+    /// The latest roll's generation; workers remember the generation of
+    /// the configuration they started from.
     generation: u64,
     /// The rolling restart under way, if any.
     roll: Option<RollProgress>,
+    /// How the last roll ended, for status.
+    last_roll: Option<RollReport>,
     /// READY=1 was sent (once the first worker is Ready).
     announced_ready: bool,
     /// The last STATUS= line sent, to send only changes.
@@ -232,7 +253,9 @@ impl Pool {
             last_memory_check: now,
             recent_exits: VecDeque::new(),
             generation: 0,
+            config_generation: 0,
             roll: None,
+            last_roll: None,
             announced_ready: false,
             last_status_line: String::new(),
             last_watchdog: now,
@@ -313,13 +336,14 @@ impl Pool {
             }
             return;
         }
-        if let Some(config) = config {
-            self.policy = RecyclePolicy::from_config(&config);
-            self.config = config;
-        }
-        self.generation += 1;
-        let mut waiters = self.roll.take().map(|r| r.waiters).unwrap_or_default();
+        // `inferctl roll` during a SIGHUP's roll keeps that roll's config.
+        let previous = self.roll.take();
+        let candidate = config
+            .or_else(|| previous.as_ref().map(|r| Arc::clone(&r.candidate)))
+            .unwrap_or_else(|| Arc::clone(&self.config));
+        let (mut waiters, replaced) = previous.map_or((Vec::new(), 0), |r| (r.waiters, r.replaced));
         waiters.extend(responder);
+        self.generation += 1;
         let to_replace = self.workers.values().filter(|w| w.is_live()).count();
         info!(
             generation = self.generation,
@@ -329,7 +353,10 @@ impl Pool {
         self.seams.notifier.reloading();
         self.roll = Some(RollProgress {
             generation: self.generation,
-            recycles_before: self.counters.recycles.get("roll").copied().unwrap_or(0),
+            candidate,
+            proven: false,
+            failed_starts: 0,
+            replaced,
             waiters,
         });
         self.advance_roll(now);
@@ -353,19 +380,101 @@ impl Pool {
             .any(|w| w.replaces.is_some() || w.generation < generation);
         if !waiting {
             if let Some(roll) = self.roll.take() {
-                let replaced =
-                    self.counters.recycles.get("roll").copied().unwrap_or(0) - roll.recycles_before;
+                let replaced = roll.replaced;
                 info!(generation, replaced, "rolling restart complete");
+                if !roll.proven {
+                    // Nothing was replaced (no worker was live): the new
+                    // configuration is what workers start from now.
+                    self.commit_config(roll.candidate, generation);
+                }
+                self.last_roll = Some(RollReport {
+                    generation,
+                    replaced,
+                    state: RollState::Done,
+                });
                 self.announced_ready = true;
                 self.seams.notifier.ready(&self.status_line());
                 for waiter in roll.waiters {
-                    waiter.rolled(replaced as u32);
+                    waiter.rolled(replaced);
                 }
             }
             return;
         }
         for worker_id in stale {
             self.judge_worker(worker_id, now);
+        }
+    }
+
+    /// A new worker of generation `generation` is Ready: if it is the first
+    /// of the roll under way, the roll's configuration is proven and in
+    /// force from now on.
+    fn prove_roll(&mut self, generation: u64, worker_id: u64) {
+        let Some(roll) = &mut self.roll else { return };
+        if roll.proven || generation != roll.generation {
+            return;
+        }
+        roll.proven = true;
+        let candidate = Arc::clone(&roll.candidate);
+        info!(
+            worker_id,
+            generation, "a new worker is Ready: the roll's configuration is in force"
+        );
+        self.commit_config(candidate, generation);
+    }
+
+    fn commit_config(&mut self, config: Arc<Config>, generation: u64) {
+        self.policy = RecyclePolicy::from_config(&config);
+        self.config = config;
+        self.config_generation = generation;
+    }
+
+    /// A new worker of generation `generation` ended before it was Ready:
+    /// too many of those before the roll is proven, and the roll gives up.
+    fn roll_start_failed(&mut self, generation: u64, reason: &str, now: Instant) {
+        let Some(roll) = &mut self.roll else { return };
+        if roll.proven || generation != roll.generation {
+            return;
+        }
+        roll.failed_starts += 1;
+        if roll.failed_starts >= ROLL_START_ATTEMPTS {
+            self.fail_roll(reason, now);
+        }
+    }
+
+    /// Gives up on the roll: its replacements still loading are killed, the
+    /// old workers keep serving with the running configuration, and
+    /// everyone who waits for it hears why (systemd included).
+    fn fail_roll(&mut self, reason: &str, now: Instant) {
+        let Some(roll) = self.roll.take() else { return };
+        error!(
+            generation = roll.generation,
+            attempts = roll.failed_starts,
+            %reason,
+            "rolling restart failed: its new workers cannot start; the old workers keep serving"
+        );
+        let loading: Vec<u64> = self
+            .workers
+            .values()
+            .filter(|w| w.generation == roll.generation && w.is_live())
+            .map(|w| w.id)
+            .collect();
+        for worker_id in loading {
+            self.kill(worker_id, KillReason::RollFailed, now);
+        }
+        self.last_roll = Some(RollReport {
+            generation: roll.generation,
+            replaced: roll.replaced,
+            state: RollState::Failed {
+                reason: reason.to_owned(),
+            },
+        });
+        self.seams
+            .notifier
+            .ready(&format!("roll failed, old workers serving: {reason}"));
+        for waiter in roll.waiters {
+            waiter.fail(RequestError::RollFailed {
+                reason: reason.to_owned(),
+            });
         }
     }
 
@@ -516,7 +625,10 @@ impl Pool {
                 if worker.mark_ready(now) {
                     info!(worker_id, pid, %model, dims, load_ms, "worker ready");
                     self.pacer.started();
-                    if let Some((old_id, reason)) = worker.replaces.take() {
+                    let replaces = worker.replaces.take();
+                    let generation = worker.generation;
+                    self.prove_roll(generation, worker_id);
+                    if let Some((old_id, reason)) = replaces {
                         self.hand_over(old_id, worker_id, reason, now);
                     }
                     if !self.announced_ready && self.roll.is_none() {
@@ -720,10 +832,17 @@ impl Pool {
             // Only evidence that starting cannot work counts towards
             // "unavailable"; a kill from outside is followed by a new start
             // at once.
-            match worker.load_error.take() {
-                Some(reason) => self.start_failed(reason, now),
+            let failure = match worker.load_error.take() {
+                Some(reason) => Some(reason),
                 None if end.is_none_or(|end| end.is_failed_start()) => {
-                    self.start_failed(format!("worker {description} before it was ready"), now)
+                    Some(format!("worker {description} before it was ready"))
+                }
+                None => None,
+            };
+            match failure {
+                Some(reason) => {
+                    self.start_failed(reason.clone(), now);
+                    self.roll_start_failed(worker.generation, &reason, now);
                 }
                 None => info!(
                     worker_id,
@@ -792,10 +911,16 @@ impl Pool {
 
     /// Starts one worker (in its own cgroup leaf where possible); `replaces`
     /// marks it as the replacement in a recycle. Returns its id.
+    /// A replacement during a roll starts from the roll's configuration;
+    /// any other worker from the pool's.
     fn spawn(&mut self, replaces: Option<(u64, RetireReason)>, now: Instant) -> Option<u64> {
+        let (config, generation) = match &self.roll {
+            Some(roll) if replaces.is_some() => (Arc::clone(&roll.candidate), roll.generation),
+            _ => (Arc::clone(&self.config), self.config_generation),
+        };
         let worker_id = self.next_worker_id;
         self.next_worker_id += 1;
-        let spawned = match process::spawn_worker(&self.config.worker_binary) {
+        let spawned = match process::spawn_worker(&config.worker_binary) {
             Ok(spawned) => spawned,
             Err(err) => {
                 self.start_failed(inferd_proto::error_chain(&err), now);
@@ -805,19 +930,19 @@ impl Pool {
         let pid = spawned.pid;
         // Into the leaf before the Start frame: the model's pages must be
         // charged to the worker's own cgroup.
-        let leaf = self.place_in_cgroup(worker_id, pid);
+        let leaf = self.place_in_cgroup(worker_id, pid, &config);
         match Worker::start(
             worker_id,
             spawned,
             leaf,
-            self.worker_config(worker_id),
+            worker_config(&config, worker_id),
             self.io_events.clone(),
             now,
         ) {
             Ok(mut worker) => {
                 info!(worker_id, pid = pid.as_raw(), cgroup = ?worker.leaf.as_ref().map(Leaf::path), "worker spawned");
                 worker.replaces = replaces;
-                worker.generation = self.generation;
+                worker.generation = generation;
                 self.counters.workers_spawned += 1;
                 self.workers.insert(worker_id, worker);
                 Some(worker_id)
@@ -830,9 +955,14 @@ impl Pool {
         }
     }
 
-    fn place_in_cgroup(&self, worker_id: u64, pid: nix::unistd::Pid) -> Option<Leaf> {
+    fn place_in_cgroup(
+        &self,
+        worker_id: u64,
+        pid: nix::unistd::Pid,
+        config: &Config,
+    ) -> Option<Leaf> {
         let cgroups = self.seams.cgroups.as_ref()?;
-        let limit = self.config.hard_limit?.as_u64();
+        let limit = config.hard_limit?.as_u64();
         // The supervisor pid keeps leaves of daemons sharing a parent apart.
         let name = format!("inferd-{}-worker-{worker_id}", std::process::id());
         let placed = cgroups
@@ -844,18 +974,6 @@ impl Pool {
                 warn!(worker_id, error = %inferd_proto::error_chain(&err), "cannot place worker in its own cgroup; relying on procfs limits");
                 None
             }
-        }
-    }
-
-    fn worker_config(&self, worker_id: u64) -> WorkerConfig {
-        WorkerConfig {
-            worker_id,
-            model_path: self.config.model.clone(),
-            tokenizer_path: self.config.tokenizer.clone(),
-            max_seq_len: self.config.max_seq_len,
-            normalize: self.config.normalize,
-            limits: self.config.limits(),
-            chaos: self.config.chaos.clone(),
         }
     }
 
@@ -876,7 +994,7 @@ impl Pool {
             age: now.duration_since(worker.spawned),
             requests_served: worker.requests_served,
             memory_bytes: worker.memory.and_then(|usage| self.policy.figure(usage)),
-            stale: worker.generation < self.generation,
+            stale: self.roll.as_ref().is_some_and(|r| worker.generation < r.generation),
         };
         let serving = worker.is_serving();
         let has_leaf = worker.leaf.is_some();
@@ -944,6 +1062,11 @@ impl Pool {
             Some(old) if old.is_serving() => {
                 info!(worker_id = old_id, pid = old.pid.as_raw(), replacement_id = new_id, %reason, "replacement ready; retiring worker");
                 old.retire(reason, now);
+                if let Some(roll) = &mut self.roll {
+                    if old.generation < roll.generation {
+                        roll.replaced += 1;
+                    }
+                }
             }
             _ => debug!(
                 worker_id = old_id,
@@ -1010,6 +1133,12 @@ impl Pool {
             line = format!("UNAVAILABLE: {reason}");
         } else if self.roll.is_some() {
             line.push_str(", rolling");
+        } else if let Some(RollReport {
+            state: RollState::Failed { reason },
+            ..
+        }) = &self.last_roll
+        {
+            line.push_str(&format!(", last roll failed: {reason}"));
         }
         line
     }
@@ -1246,6 +1375,17 @@ impl Pool {
             hard_limit_bytes: self.policy.hard_limit,
             cgroups: self.seams.cgroup_summary.clone(),
             recent_exits: self.recent_exits.iter().cloned().collect(),
+            roll: self
+                .roll
+                .as_ref()
+                .map(|roll| RollReport {
+                    generation: roll.generation,
+                    replaced: roll.replaced,
+                    state: RollState::Running {
+                        proven: roll.proven,
+                    },
+                })
+                .or_else(|| self.last_roll.clone()),
             counters: Counters {
                 connections_refused: self.seams.connections.refused(),
                 ..self.counters.clone()
@@ -1270,6 +1410,18 @@ fn oom_evidence(worker: &Worker) -> OomEvidence {
     match (worker.host_oom_kills_at_spawn, cgroup::host_oom_kills()) {
         (Some(before), Some(after)) if after > before => OomEvidence::HostCounter,
         _ => OomEvidence::None,
+    }
+}
+
+fn worker_config(config: &Config, worker_id: u64) -> WorkerConfig {
+    WorkerConfig {
+        worker_id,
+        model_path: config.model.clone(),
+        tokenizer_path: config.tokenizer.clone(),
+        max_seq_len: config.max_seq_len,
+        normalize: config.normalize,
+        limits: config.limits(),
+        chaos: config.chaos.clone(),
     }
 }
 

@@ -188,6 +188,8 @@ pub enum KillReason {
     ProtocolViolation,
     /// It closed its socket but kept running.
     SocketClosed,
+    /// A replacement still loading when its rolling restart gave up.
+    RollFailed,
 }
 
 impl fmt::Display for RetireReason {
@@ -211,6 +213,7 @@ impl fmt::Display for KillReason {
             Self::DrainDeadline => "drain_deadline",
             Self::ProtocolViolation => "protocol_violation",
             Self::SocketClosed => "socket_closed",
+            Self::RollFailed => "roll_failed",
         })
     }
 }
@@ -319,7 +322,7 @@ impl WorkerEnd {
             Self::Retired { .. } => false,
             Self::KilledBySupervisor { reason } => !matches!(
                 reason,
-                KillReason::DrainDeadline | KillReason::RequestTimeout
+                KillReason::DrainDeadline | KillReason::RequestTimeout | KillReason::RollFailed
             ),
             // Its own cgroup's limit is below what loading needs; a host-wide
             // OOM kill says nothing certain about this worker.

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use inferd_tests::{
     children_of, proc_state, ready_count, sample_texts, serving_count, worker_pids, BackgroundLoad,
-    Client, ClientError, Daemon, DaemonConfig, Expected, PoolStatus, RequestError, Signal,
-    POLL_INTERVAL,
+    Client, ClientError, Daemon, DaemonConfig, Expected, PoolStatus, RequestError, RollState,
+    Signal, POLL_INTERVAL,
 };
 
 const ROLL: Duration = Duration::from_secs(120);
@@ -169,6 +169,115 @@ async fn inferctl_roll_waits_for_the_roll_to_complete() {
         worker_pids(&status).iter().all(|p| !before.contains(p)),
         "{status:?}"
     );
+}
+
+/// Writes a file that is not an ONNX model, next to the daemon's files.
+fn not_a_model(daemon: &Daemon) -> std::path::PathBuf {
+    let path = daemon.dir().join("broken.onnx");
+    std::fs::write(&path, b"this is not an ONNX model").expect("write the broken model");
+    path
+}
+
+fn roll_state(status: &PoolStatus) -> Option<&RollState> {
+    status.roll.as_ref().map(|roll| &roll.state)
+}
+
+#[tokio::test]
+async fn inferctl_roll_fails_cleanly_when_new_workers_cannot_start() {
+    // The daemon serves a copy of the model, which is then broken on disk:
+    // every new worker fails to load it.
+    let dir = tempfile::Builder::new()
+        .prefix("inferd-roll-")
+        .tempdir()
+        .expect("temp dir");
+    let (model, tokenizer) = inferd_tests::model_files(&inferd_tests::test_model_name());
+    let copy = dir.path().join("model.onnx");
+    std::fs::copy(&model, &copy).expect("copy the model");
+    let daemon = Daemon::start(DaemonConfig::new().model((copy.clone(), tokenizer))).await;
+    let before = worker_pids(&daemon.status().await);
+    std::fs::write(&copy, b"truncated").expect("break the model file");
+
+    let out = tokio::task::spawn_blocking({
+        let mut inferctl = daemon.inferctl();
+        move || inferctl.args(["roll", "--timeout", "120"]).output()
+    })
+    .await
+    .expect("inferctl task")
+    .expect("inferctl runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the daemon answers an error: {stderr}");
+    assert!(stderr.contains("roll failed"), "{stderr}");
+
+    let status = daemon.status().await;
+    assert!(
+        matches!(roll_state(&status), Some(RollState::Failed { .. })),
+        "status shows the failed roll: {:?}",
+        status.roll
+    );
+    assert_eq!(worker_pids(&status), before, "the old workers stay");
+    assert_eq!(serving_count(&status), 2);
+    daemon
+        .client()
+        .await
+        .embed(vec!["still serving".into()], None)
+        .await
+        .expect("the old workers keep serving");
+    assert!(daemon.log().contains("rolling restart failed"));
+}
+
+#[tokio::test]
+async fn sighup_to_a_broken_model_keeps_the_old_config_for_every_worker() {
+    let daemon = Daemon::start(DaemonConfig::new()).await;
+    let before = worker_pids(&daemon.status().await);
+    let broken = DaemonConfig::new().model((not_a_model(&daemon), daemon.config().tokenizer.clone()));
+    std::fs::write(daemon.config_path(), broken.to_toml(daemon.socket_path()))
+        .expect("write the new config");
+    daemon.signal(Signal::SIGHUP);
+    let status = daemon
+        .wait_for(
+            |s| matches!(roll_state(s), Some(RollState::Failed { .. })),
+            ROLL,
+        )
+        .await;
+    assert_eq!(worker_pids(&status), before, "the old workers stay");
+
+    // A worker that dies now is replaced from the configuration that works.
+    daemon.signal_worker(before[0], Signal::SIGKILL);
+    let status = daemon
+        .wait_for(
+            |s| ready_count(s) == 2 && !worker_pids(s).contains(&before[0]),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        status.model.ends_with("model.onnx") && !status.model.ends_with("broken.onnx"),
+        "the pool still serves the old model: {}",
+        status.model.display()
+    );
+    daemon
+        .client()
+        .await
+        .embed(vec!["served by the old config".into()], None)
+        .await
+        .expect("embed after the failed roll");
+}
+
+#[tokio::test]
+async fn sighup_to_a_missing_model_is_refused_before_any_roll() {
+    let daemon = Daemon::start(DaemonConfig::new()).await;
+    let before = worker_pids(&daemon.status().await);
+    let missing = daemon.dir().join("no-such-model.onnx");
+    let config = DaemonConfig::new().model((missing, daemon.config().tokenizer.clone()));
+    std::fs::write(daemon.config_path(), config.to_toml(daemon.socket_path()))
+        .expect("write the new config");
+    daemon.signal(Signal::SIGHUP);
+    let log = daemon
+        .wait_for_log("SIGHUP: invalid configuration", Duration::from_secs(10))
+        .await;
+    assert!(log.contains("no-such-model.onnx"), "the log names the file");
+    let status = daemon.status().await;
+    assert_eq!(worker_pids(&status), before, "nothing was rolled");
+    assert!(status.roll.is_none(), "no roll began: {:?}", status.roll);
 }
 
 fn access(table: &[(&str, Vec<u32>)]) -> toml::Value {

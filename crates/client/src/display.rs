@@ -50,6 +50,13 @@ pub fn format_status(status: &PoolStatus) -> String {
     if let Some(reason) = &status.unavailable_reason {
         let _ = writeln!(out, "UNAVAILABLE  {reason}");
     }
+    if let Some(roll) = &status.roll {
+        let _ = writeln!(
+            out,
+            "roll         generation {}: {}, {} worker(s) replaced",
+            roll.generation, roll.state, roll.replaced
+        );
+    }
 
     out.push('\n');
     let _ = writeln!(
@@ -222,6 +229,13 @@ mod tests {
                 age_secs: 30.0,
                 uptime_at_exit_secs: 60.0,
             }],
+            roll: Some(inferd_proto::RollReport {
+                generation: 3,
+                replaced: 0,
+                state: inferd_proto::RollState::Failed {
+                    reason: "model.onnx: not an ONNX file".into(),
+                },
+            }),
             counters,
         };
         let text = format_status(&status);
@@ -239,6 +253,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("UNAVAILABLE  model file missing"), "{text}");
+        assert!(
+            text.contains("roll         generation 3: FAILED: model.onnx: not an ONNX file, 0 worker(s) replaced"),
+            "{text}"
+        );
         assert!(text.contains("RSS(MiB)"), "{text}");
         assert!(
             text.contains("soft limit 300.0MiB, hard limit none"),

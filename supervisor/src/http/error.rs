@@ -132,7 +132,10 @@ impl ApiError {
             RequestError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, kind),
             RequestError::TooManyConnections { .. } => (StatusCode::SERVICE_UNAVAILABLE, kind),
             RequestError::PermissionDenied { .. } => (StatusCode::FORBIDDEN, kind),
-            RequestError::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, kind),
+            // Only a roll asks for it; no HTTP route does.
+            RequestError::RollFailed { .. } | RequestError::Internal { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, kind)
+            }
         };
         let mut answer = Self::new(flavor, status, kind, message).with_code(kind);
         if matches!(

@@ -55,7 +55,15 @@ enum Command {
     },
     /// Rolling restart: replace every worker, one at a time, each replacement
     /// Ready before the old one stops; waits until the roll is complete.
-    Roll,
+    ///
+    /// Fails (exit 1) when the new workers cannot start: the roll is then
+    /// given up and the old workers keep serving.
+    Roll {
+        /// Stop waiting after this many seconds (exit 2); the roll goes on
+        /// in the daemon, `inferctl status` shows how far it got.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        timeout: u64,
+    },
     /// Print the counters and gauges in Prometheus text format.
     Metrics,
 }
@@ -112,9 +120,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .context("cannot write to stdout")
             }
         }
-        Command::Roll => {
+        Command::Roll { timeout } => {
             let mut client = Client::connect_as(&cli.socket, PROGRAM).await?;
-            let replaced = client.roll().await?;
+            let replaced = tokio::time::timeout(Duration::from_secs(timeout), client.roll())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "the roll was not complete after {timeout} s; it goes on in the daemon (see `inferctl status`)"
+                    )
+                })??;
             println!("roll complete: {replaced} worker(s) replaced");
             Ok(())
         }
