@@ -71,6 +71,12 @@ where
         }
     }
 
+    /// Changes the limit on incoming frames from the next frame on (a
+    /// worker learns its link's limit from the Start frame).
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: usize) {
+        self.decoder = FrameDecoder::new(max_frame_bytes);
+    }
+
     /// Makes frames over [`FREE_FRAME_BYTES`] take one permit per further
     /// byte from `budget` before they are read (the connection waits for
     /// them: backpressure, not an error). `budget` must hold at least

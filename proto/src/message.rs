@@ -330,7 +330,49 @@ impl Default for RequestLimits {
     }
 }
 
+/// Per text, in a worker command or answer, besides the text's own bytes:
+/// its length prefix, its truncation flag and token count.
+const PER_TEXT_OVERHEAD: usize = 32;
+/// Per token in a tokenize answer, besides the bytes of the text it covers
+/// (which are the text's own): id, flags, offsets, length prefix, and the
+/// text of a special token.
+const PER_TOKEN_OVERHEAD: usize = 48;
+/// Per text in an embed answer: a vector of up to 16384 dimensions.
+const MAX_VECTOR_BYTES: usize = 16384 * 4 + 16;
+/// Per frame: message tags, ids, the model's name (a path at most), list
+/// lengths.
+const PER_FRAME_OVERHEAD: usize = 64 * 1024;
+
 impl RequestLimits {
+    /// The largest frame a worker's socket must carry for requests within
+    /// these limits, never below [`crate::DEFAULT_MAX_FRAME_BYTES`]: the
+    /// command with the texts, or its answer (tokens cover the text's own
+    /// bytes plus a fixed part each, vectors a fixed size per text),
+    /// whichever is larger. Both ends of the link use it, so a request the
+    /// supervisor admits always fits.
+    pub fn worker_frame_bytes(&self, max_seq_len: usize) -> usize {
+        let texts = self
+            .max_texts
+            .saturating_mul(self.max_text_bytes.saturating_add(PER_TEXT_OVERHEAD));
+        let tokens = self
+            .max_texts
+            .saturating_mul(max_seq_len.saturating_add(2))
+            .saturating_mul(PER_TOKEN_OVERHEAD);
+        let vectors = self.max_texts.saturating_mul(MAX_VECTOR_BYTES);
+        texts
+            .saturating_add(tokens.max(vectors))
+            .saturating_add(PER_FRAME_OVERHEAD)
+            .clamp(crate::DEFAULT_MAX_FRAME_BYTES, u32::MAX as usize)
+    }
+
+    /// The limits that hold for both `self` and `other`: the smaller of each.
+    pub fn narrowest(self, other: RequestLimits) -> RequestLimits {
+        RequestLimits {
+            max_texts: self.max_texts.min(other.max_texts),
+            max_text_bytes: self.max_text_bytes.min(other.max_text_bytes),
+        }
+    }
+
     /// Checks `texts` against the limits; `Err` carries a
     /// [`RequestError::BadRequest`] that says which limit and which text.
     pub fn check(&self, texts: &[String]) -> Result<(), RequestError> {
@@ -556,6 +598,9 @@ pub struct WorkerConfig {
     pub normalize: bool,
     /// Request size limits, checked again in the worker.
     pub limits: RequestLimits,
+    /// The largest frame either end of the worker's socket accepts after
+    /// this Start frame ([`RequestLimits::worker_frame_bytes`]).
+    pub max_frame_bytes: usize,
     /// Test-only behaviours.
     pub chaos: ChaosOptions,
 }
@@ -674,6 +719,7 @@ mod tests {
             max_seq_len: 256,
             normalize: true,
             limits: RequestLimits::default(),
+            max_frame_bytes: RequestLimits::default().worker_frame_bytes(256),
             chaos: ChaosOptions {
                 crash_marker: Some("boom".into()),
                 hang_marker: None,
@@ -817,5 +863,67 @@ mod tests {
         assert!(reason(&[]).contains("no texts"));
         assert!(reason(&["a".into(), "b".into(), "c".into()]).contains("3 texts"));
         assert!(reason(&["ok".into(), "toolong".into()]).contains("text 1 is 7 bytes"));
+    }
+
+    #[test]
+    fn the_worker_frame_limit_holds_the_largest_command_and_answers() {
+        let limits = RequestLimits {
+            max_texts: 3,
+            max_text_bytes: 8 << 20,
+        };
+        let max_seq_len = 256;
+        let bound = limits.worker_frame_bytes(max_seq_len);
+        assert!(bound > crate::DEFAULT_MAX_FRAME_BYTES, "{bound}");
+        let texts: Vec<String> = (0..limits.max_texts)
+            .map(|_| "é".repeat(limits.max_text_bytes / 2))
+            .collect();
+        let fits = |frame: Vec<u8>, what: &str| {
+            assert!(
+                frame.len() - 4 <= bound,
+                "{what}: {} bytes > {bound}",
+                frame.len() - 4
+            );
+        };
+        let command = WorkerCommand::Embed {
+            request_id: u64::MAX,
+            texts: texts.clone().into(),
+        };
+        fits(crate::encode_frame(&command).unwrap(), "embed command");
+        // Tokens split each text's bytes between them, plus [CLS] and [SEP].
+        let per_token = limits.max_text_bytes / max_seq_len;
+        let token = |special: bool| Token {
+            id: u32::MAX,
+            text: if special { "[CLS]".into() } else { "x".repeat(per_token) },
+            special,
+            start: (!special).then_some(u32::MAX),
+            stop: (!special).then_some(u32::MAX),
+        };
+        let tokens: Vec<Token> = std::iter::once(token(true))
+            .chain((0..max_seq_len).map(|_| token(false)))
+            .chain(std::iter::once(token(true)))
+            .collect();
+        let answer = WorkerEvent::Tokenized {
+            request_id: u64::MAX,
+            result: TokenizeResult {
+                tokens: vec![tokens; limits.max_texts],
+            },
+        };
+        fits(crate::encode_frame(&answer).unwrap(), "tokenize answer");
+        let answer = WorkerEvent::Embedded {
+            request_id: u64::MAX,
+            result: EmbedResult {
+                model: "m".repeat(4096),
+                dims: 16384,
+                embeddings: vec![vec![f32::MAX; 16384]; limits.max_texts],
+                truncated: vec![true; limits.max_texts],
+                token_counts: vec![u32::MAX; limits.max_texts],
+            },
+        };
+        fits(crate::encode_frame(&answer).unwrap(), "embed answer");
+        // The defaults keep the link at the default frame limit.
+        assert_eq!(
+            RequestLimits::default().worker_frame_bytes(256),
+            crate::DEFAULT_MAX_FRAME_BYTES
+        );
     }
 }

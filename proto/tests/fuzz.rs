@@ -428,6 +428,7 @@ fn valid_payload(rng: &mut Rng, kind: Kind) -> Vec<u8> {
                     max_texts: rng.int() as usize,
                     max_text_bytes: rng.int() as usize,
                 },
+                max_frame_bytes: rng.int() as usize,
                 chaos: ChaosOptions {
                     crash_marker: rng.option(Rng::string),
                     hang_marker: rng.option(Rng::string),

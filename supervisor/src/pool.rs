@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inferd_proto::{
-    Counters, ExitRecord, PoolStatus, RequestError, RollReport, RollState, WorkerConfig,
-    WorkerEvent, WorkerStatus,
+    Counters, ExitRecord, PoolStatus, RequestError, RequestLimits, RollReport, RollState,
+    WorkerConfig, WorkerEvent, WorkerStatus,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -478,6 +478,17 @@ impl Pool {
         }
     }
 
+    /// The limits a request must meet: the configuration's, narrowed by
+    /// those of every worker still running that was started with other
+    /// limits (after a reload, until the roll has replaced them), so that
+    /// no worker can refuse or fail to read a request the pool admitted.
+    fn request_limits(&self) -> RequestLimits {
+        self.workers
+            .values()
+            .filter(|w| w.is_live())
+            .fold(self.config.limits(), |limits, w| limits.narrowest(w.limits))
+    }
+
     fn accept(
         &mut self,
         client: ClientKey,
@@ -489,7 +500,7 @@ impl Pool {
     ) {
         let rejection = if let Phase::Draining { .. } = self.phase {
             Some(RequestError::ShuttingDown)
-        } else if let Err(err) = self.config.limits().check(&texts) {
+        } else if let Err(err) = self.request_limits().check(&texts) {
             Some(err)
         } else {
             self.unavailable()
@@ -1421,6 +1432,7 @@ fn worker_config(config: &Config, worker_id: u64) -> WorkerConfig {
         max_seq_len: config.max_seq_len,
         normalize: config.normalize,
         limits: config.limits(),
+        max_frame_bytes: config.limits().worker_frame_bytes(config.max_seq_len),
         chaos: config.chaos.clone(),
     }
 }

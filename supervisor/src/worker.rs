@@ -13,7 +13,9 @@
 
 use std::sync::Arc;
 
-use inferd_proto::{Connection, ProtoError, WorkerCommand, WorkerConfig, WorkerEvent};
+use inferd_proto::{
+    Connection, ProtoError, RequestLimits, WorkerCommand, WorkerConfig, WorkerEvent,
+};
 use nix::unistd::Pid;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -136,6 +138,8 @@ pub struct Worker {
     pub leaf_oom_kills_at_spawn: u64,
     /// Host-wide `oom_kill` count at spawn: the fallback OOM evidence.
     pub host_oom_kills_at_spawn: Option<u64>,
+    /// The request limits it was started with (and enforces itself).
+    pub limits: RequestLimits,
     /// Commands to the IO task, which writes them to the socket.
     commands: mpsc::UnboundedSender<WorkerCommand>,
     /// Lifecycle state.
@@ -157,7 +161,9 @@ impl Worker {
         let stream = UnixStream::from_std(spawned.stream).map_err(ProcessError::SocketSetup)?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let span = info_span!("worker", worker_id = id, pid = spawned.pid.as_raw());
-        tokio::spawn(run_io(id, stream, command_rx, events).instrument(span));
+        let limits = config.limits;
+        let link = Connection::new(stream, config.max_frame_bytes);
+        tokio::spawn(run_io(id, link, command_rx, events).instrument(span));
         // The IO task holds the receiver, so this cannot fail yet.
         let _ = commands.send(WorkerCommand::Start(config));
         Ok(Worker {
@@ -172,6 +178,7 @@ impl Worker {
             load_error: None,
             leaf_oom_kills_at_spawn: leaf.as_ref().and_then(|l| l.oom_kills().ok()).unwrap_or(0),
             leaf,
+            limits,
             host_oom_kills_at_spawn: crate::cgroup::host_oom_kills(),
             commands,
             state: WorkerState::Starting { since: now },
@@ -364,12 +371,10 @@ impl Worker {
 /// is done; then reports `Closed`.
 async fn run_io(
     worker_id: u64,
-    stream: UnixStream,
+    mut conn: Connection<UnixStream, WorkerCommand, WorkerEvent>,
     mut commands: mpsc::UnboundedReceiver<WorkerCommand>,
     events: IoEvents,
 ) {
-    let mut conn: Connection<UnixStream, WorkerCommand, WorkerEvent> =
-        Connection::new(stream, inferd_proto::DEFAULT_MAX_FRAME_BYTES);
     let result: Result<(), ProtoError> = async {
         conn.handshake("inferd").await?;
         loop {

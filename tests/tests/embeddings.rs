@@ -219,3 +219,34 @@ async fn inferctl_embed_and_status() {
     );
     assert_eq!(ready_count(&daemon.status().await), 2);
 }
+
+#[tokio::test]
+async fn requests_past_16_mib_within_raised_limits_reach_the_worker() {
+    // The link to a worker once had a fixed 16 MiB frame limit: a request
+    // the raised limits allow made every worker it reached exit, and was
+    // answered worker_lost.
+    let daemon = Daemon::start(
+        DaemonConfig::new()
+            .workers(1)
+            .max_frame_bytes(48 << 20)
+            .max_texts(2)
+            .max_text_bytes(20 << 20)
+            .set("max_queued_bytes", "64MiB"),
+    )
+    .await;
+    let big = "a long request ".repeat((17 << 20) / 15 + 1);
+    assert!(big.len() > 17 << 20);
+    let mut client = daemon.client().await;
+    let result = client
+        .embed(vec![big, "short".into()], None)
+        .await
+        .expect("a request within the configured limits is served");
+    assert_eq!(result.embeddings.len(), 2);
+    assert_eq!(result.truncated, vec![true, false]);
+    let status = daemon.status().await;
+    assert!(
+        status.recent_exits.is_empty(),
+        "no worker died: {:?}",
+        status.recent_exits
+    );
+}

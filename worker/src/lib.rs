@@ -88,6 +88,9 @@ pub async fn serve(stream: UnixStream) -> Result<(), WorkerError> {
             })
         }
     };
+    // Requests within the configured limits can be larger than the
+    // default frame limit: the supervisor says what the link must carry.
+    conn.set_max_frame_bytes(config.max_frame_bytes);
     let span = info_span!(
         "worker",
         worker_id = config.worker_id,
