@@ -942,28 +942,20 @@ impl Pool {
         // Into the leaf before the Start frame: the model's pages must be
         // charged to the worker's own cgroup.
         let leaf = self.place_in_cgroup(worker_id, pid, &config);
-        match Worker::start(
+        let mut worker = Worker::start(
             worker_id,
             spawned,
             leaf,
             worker_config(&config, worker_id),
             self.io_events.clone(),
             now,
-        ) {
-            Ok(mut worker) => {
-                info!(worker_id, pid = pid.as_raw(), cgroup = ?worker.leaf.as_ref().map(Leaf::path), "worker spawned");
-                worker.replaces = replaces;
-                worker.generation = generation;
-                self.counters.workers_spawned += 1;
-                self.workers.insert(worker_id, worker);
-                Some(worker_id)
-            }
-            Err(err) => {
-                let _ = process::sigkill(pid);
-                self.start_failed(inferd_proto::error_chain(&err), now);
-                None
-            }
-        }
+        );
+        info!(worker_id, pid = pid.as_raw(), cgroup = ?worker.leaf.as_ref().map(Leaf::path), "worker spawned");
+        worker.replaces = replaces;
+        worker.generation = generation;
+        self.counters.workers_spawned += 1;
+        self.workers.insert(worker_id, worker);
+        Some(worker_id)
     }
 
     fn place_in_cgroup(

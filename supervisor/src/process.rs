@@ -59,8 +59,8 @@ pub enum ProcessError {
 pub struct SpawnedWorker {
     /// The worker's pid.
     pub pid: Pid,
-    /// Our end of the socketpair, non-blocking, ready for tokio.
-    pub stream: UnixStream,
+    /// Our end of the socketpair, registered with tokio.
+    pub stream: tokio::net::UnixStream,
 }
 
 /// Starts `binary --fd 3` with one end of a new socketpair as fd 3. The child
@@ -68,8 +68,15 @@ pub struct SpawnedWorker {
 /// current-thread runtime so "this thread" is the whole daemon), leads its
 /// own process group (a terminal's Ctrl-C reaches only the supervisor, which
 /// then drains), and does not inherit systemd's variables.
+///
+/// Everything that can fail is done before the fork: once a child exists,
+/// this returns it, so no started worker is ever left unreaped (a zombie) or
+/// outside the pool's sight. Must be called inside the tokio runtime.
 pub fn spawn_worker(binary: &Path) -> Result<SpawnedWorker, ProcessError> {
     let (ours, theirs) = UnixStream::pair().map_err(ProcessError::SocketPair)?;
+    ours.set_nonblocking(true)
+        .map_err(ProcessError::SocketSetup)?;
+    let ours = tokio::net::UnixStream::from_std(ours).map_err(ProcessError::SocketSetup)?;
     let their_fd = theirs.as_raw_fd();
     let supervisor_pid = std::process::id() as libc::pid_t;
     let mut command = Command::new(binary);
@@ -110,8 +117,6 @@ pub fn spawn_worker(binary: &Path) -> Result<SpawnedWorker, ProcessError> {
         source,
     })?;
     drop(theirs);
-    ours.set_nonblocking(true)
-        .map_err(ProcessError::SocketSetup)?;
     // Dropping `child` neither waits nor kills: reaping is `try_reap`'s job.
     Ok(SpawnedWorker {
         pid: Pid::from_raw(child.id() as i32),
@@ -468,18 +473,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn spawn_passes_the_socket_and_reaps_the_exit() {
+    #[tokio::test(flavor = "current_thread")]
+    async fn spawn_passes_the_socket_and_reaps_the_exit() {
         // `sh -c` stands in for the worker: it writes to fd 3 and exits 7.
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("fake-worker");
         std::fs::write(&script, "#!/bin/sh\necho \"$1 $2\" >&3\nexit 7\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let worker = spawn_worker(&script).unwrap();
-        worker.stream.set_nonblocking(false).unwrap();
+        let mut worker = spawn_worker(&script).unwrap();
         let mut line = String::new();
-        io::BufRead::read_line(&mut io::BufReader::new(&worker.stream), &mut line).unwrap();
+        tokio::io::AsyncReadExt::read_to_string(&mut worker.stream, &mut line)
+            .await
+            .unwrap();
         assert_eq!(line, "--fd 3\n");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let report = loop {
@@ -493,8 +499,8 @@ mod tests {
         assert_eq!(try_reap(worker.pid), Err(Errno::ECHILD));
     }
 
-    #[test]
-    fn missing_binary_is_an_exec_error() {
+    #[tokio::test(flavor = "current_thread")]
+    async fn missing_binary_is_an_exec_error() {
         let err = spawn_worker(Path::new("/nonexistent/inferd-worker")).unwrap_err();
         assert!(matches!(err, ProcessError::Exec { .. }), "{err:?}");
     }

@@ -24,7 +24,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::cgroup::Leaf;
 use crate::memory::MemoryUsage;
-use crate::process::{self, Intent, KillReason, ProcessError, RetireReason, SpawnedWorker};
+use crate::process::{self, Intent, KillReason, RetireReason, SpawnedWorker};
 use crate::request::{Request, Task};
 
 /// Something from a worker's socket, tagged with the worker id by the sender.
@@ -149,7 +149,8 @@ pub struct Worker {
 impl Worker {
     /// Takes over a freshly spawned process (already in its cgroup leaf, if
     /// any): starts its IO task and queues the Start command (sent after the
-    /// hello exchange).
+    /// hello exchange). Cannot fail: a started process is always the pool's
+    /// to reap.
     pub fn start(
         id: u64,
         spawned: SpawnedWorker,
@@ -157,16 +158,15 @@ impl Worker {
         config: WorkerConfig,
         events: IoEvents,
         now: Instant,
-    ) -> Result<Worker, ProcessError> {
-        let stream = UnixStream::from_std(spawned.stream).map_err(ProcessError::SocketSetup)?;
+    ) -> Worker {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let span = info_span!("worker", worker_id = id, pid = spawned.pid.as_raw());
         let limits = config.limits;
-        let link = Connection::new(stream, config.max_frame_bytes);
+        let link = Connection::new(spawned.stream, config.max_frame_bytes);
         tokio::spawn(run_io(id, link, command_rx, events).instrument(span));
         // The IO task holds the receiver, so this cannot fail yet.
         let _ = commands.send(WorkerCommand::Start(config));
-        Ok(Worker {
+        Worker {
             id,
             pid: spawned.pid,
             spawned: now,
@@ -182,7 +182,7 @@ impl Worker {
             host_oom_kills_at_spawn: crate::cgroup::host_oom_kills(),
             commands,
             state: WorkerState::Starting { since: now },
-        })
+        }
     }
 
     /// Current state.
