@@ -481,7 +481,9 @@ pub enum RollState {
 impl std::fmt::Display for RollState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Running { proven: false } => f.write_str("running, new configuration not yet proven"),
+            Self::Running { proven: false } => {
+                f.write_str("running, new configuration not yet proven")
+            }
             Self::Running { proven: true } => f.write_str("running"),
             Self::Done => f.write_str("done"),
             Self::Failed { reason } => write!(f, "FAILED: {reason}"),
@@ -893,7 +895,11 @@ mod tests {
         let per_token = limits.max_text_bytes / max_seq_len;
         let token = |special: bool| Token {
             id: u32::MAX,
-            text: if special { "[CLS]".into() } else { "x".repeat(per_token) },
+            text: if special {
+                "[CLS]".into()
+            } else {
+                "x".repeat(per_token)
+            },
             special,
             start: (!special).then_some(u32::MAX),
             stop: (!special).then_some(u32::MAX),

@@ -31,9 +31,9 @@ use std::time::Instant;
 use bytes::BytesMut;
 use inferd_proto::{
     decode_payload, encode_frame, ChaosOptions, ClientMessage, Counters, EmbedResult, ExitRecord,
-    FrameDecoder, Hello, PoolStatus, ProtoError, RequestError, RequestLimits, RollReport, RollState, ServerMessage,
-    Timing, Token, TokenizeResult, WorkerCommand, WorkerConfig, WorkerEvent, WorkerStatus,
-    MAX_TEXTS_PER_REQUEST,
+    FrameDecoder, Hello, PoolStatus, ProtoError, RequestError, RequestLimits, RollReport,
+    RollState, ServerMessage, Timing, Token, TokenizeResult, WorkerCommand, WorkerConfig,
+    WorkerEvent, WorkerStatus, MAX_TEXTS_PER_REQUEST,
 };
 use serde::de::DeserializeOwned;
 

@@ -239,31 +239,8 @@ impl Pool {
     ) -> Result<(), PoolError> {
         let mut sigchld = signal(SignalKind::child()).map_err(PoolError::Signal)?;
         let (io_events, mut io_rx) = mpsc::unbounded_channel();
-        let now = Instant::now();
-        let mut pool = Pool {
-            workers: BTreeMap::new(),
-            queue: FairQueue::new(),
-            counters: Counters::default(),
-            next_worker_id: 1,
-            next_request_id: 1,
-            io_events,
-            pacer: RestartPacer::new(config.max_restarts, config.restart_period(), now),
-            policy: RecyclePolicy::from_config(&config),
-            seams,
-            last_memory_check: now,
-            recent_exits: VecDeque::new(),
-            generation: 0,
-            config_generation: 0,
-            roll: None,
-            last_roll: None,
-            announced_ready: false,
-            last_status_line: String::new(),
-            last_watchdog: now,
-            phase: Phase::Running,
-            started: now,
-            config,
-        };
-        pool.ensure_workers(now);
+        let mut pool = Pool::new(config, seams, io_events, Instant::now());
+        pool.ensure_workers(Instant::now());
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut requests_open = true;
@@ -291,6 +268,39 @@ impl Pool {
                 info!("pool stopped");
                 return Ok(());
             }
+        }
+    }
+
+    /// A pool with no worker yet; `io_events` is what workers' IO tasks
+    /// report on.
+    fn new(
+        config: Arc<Config>,
+        seams: Seams,
+        io_events: mpsc::UnboundedSender<(u64, IoEvent)>,
+        now: Instant,
+    ) -> Pool {
+        Pool {
+            workers: BTreeMap::new(),
+            queue: FairQueue::new(),
+            counters: Counters::default(),
+            next_worker_id: 1,
+            next_request_id: 1,
+            io_events,
+            pacer: RestartPacer::new(config.max_restarts, config.restart_period(), now),
+            policy: RecyclePolicy::from_config(&config),
+            seams,
+            last_memory_check: now,
+            recent_exits: VecDeque::new(),
+            generation: 0,
+            config_generation: 0,
+            roll: None,
+            last_roll: None,
+            announced_ready: false,
+            last_status_line: String::new(),
+            last_watchdog: now,
+            phase: Phase::Running,
+            started: now,
+            config,
         }
     }
 
@@ -672,7 +682,9 @@ impl Pool {
                 self.complete(worker_id, request_id, Err(error), now);
             }
             IoEvent::Closed(Some(err)) if !err.is_disconnect() => {
-                if worker.is_live() {
+                // A draining worker still holds a request: killing it now
+                // retries that request instead of leaving it to time out.
+                if worker.is_live() || worker.has_job() {
                     warn!(worker_id, pid, error = %err, "protocol error on worker socket; killing");
                     self.kill(worker_id, KillReason::ProtocolViolation, now);
                 }
@@ -997,7 +1009,10 @@ impl Pool {
             age: now.duration_since(worker.spawned),
             requests_served: worker.requests_served,
             memory_bytes: worker.memory.and_then(|usage| self.policy.figure(usage)),
-            stale: self.roll.as_ref().is_some_and(|r| worker.generation < r.generation),
+            stale: self
+                .roll
+                .as_ref()
+                .is_some_and(|r| worker.generation < r.generation),
         };
         let serving = worker.is_serving();
         let has_leaf = worker.leaf.is_some();
@@ -1508,5 +1523,80 @@ mod tests {
             "the pool stopped before it had handled all 200 messages"
         );
         assert!(pool_tx.is_closed(), "the pool closed its end");
+    }
+
+    /// A pool whose workers are `sh` scripts that sleep: real processes
+    /// that never speak the protocol, moved through states by hand.
+    fn pool_of_sleepers(dir: &std::path::Path) -> Pool {
+        let script = dir.join("sleeper");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let config = Config {
+            worker_binary: script,
+            ..(*workerless_config()).clone()
+        };
+        let (io_events, _io_rx) = mpsc::unbounded_channel();
+        Pool::new(Arc::new(config), test_seams(), io_events, Instant::now())
+    }
+
+    fn queued_request(pool: &mut Pool, now: Instant) -> Request {
+        let client = ClientKey {
+            tenant: crate::request::Tenant::Uid(0),
+            conn: 1,
+        };
+        Request::new(
+            pool.next_request_id,
+            client,
+            Task::Embed,
+            vec!["text".to_owned()].into(),
+            now,
+            now + Duration::from_secs(60),
+            Responder::detached(1),
+        )
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_protocol_error_from_a_draining_worker_retries_its_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = pool_of_sleepers(dir.path());
+        let now = Instant::now();
+        let worker_id = pool.spawn(None, now).expect("spawned");
+        let request = queued_request(&mut pool, now);
+        let worker = pool.workers.get_mut(&worker_id).unwrap();
+        assert!(worker.mark_ready(now));
+        worker.assign(request, now).expect("assigned");
+        worker.retire(RetireReason::Roll, now);
+        assert!(matches!(worker.state(), WorkerState::Draining { .. }));
+        let pid = worker.pid;
+
+        let garbage = inferd_proto::ProtoError::FrameTooLarge {
+            len: 1 << 30,
+            max: 1 << 24,
+        };
+        pool.handle_io(worker_id, IoEvent::Closed(Some(garbage)), now);
+
+        let worker = &pool.workers[&worker_id];
+        assert!(
+            matches!(
+                worker.state(),
+                WorkerState::Killed {
+                    reason: KillReason::ProtocolViolation,
+                    ..
+                }
+            ),
+            "the draining worker is killed: {:?}",
+            worker.state()
+        );
+        assert_eq!(pool.queue.len(), 1, "its request waits for another worker");
+        assert_eq!(pool.counters.retries, 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while process::try_reap(pid).unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sleeper was not killed"
+            );
+            tokio::task::yield_now().await;
+        }
     }
 }

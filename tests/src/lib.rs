@@ -31,5 +31,7 @@ pub use process::{children_of, pid_alive, proc_state, wait_pids_gone};
 pub use raw::RawConn;
 
 pub use inferd_client::{Client, ClientError};
-pub use inferd_proto::{EmbedResult, PoolStatus, RequestError, RollReport, RollState, WorkerStatus};
+pub use inferd_proto::{
+    EmbedResult, PoolStatus, RequestError, RollReport, RollState, WorkerStatus,
+};
 pub use nix::sys::signal::Signal;

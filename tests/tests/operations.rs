@@ -205,7 +205,11 @@ async fn inferctl_roll_fails_cleanly_when_new_workers_cannot_start() {
     .expect("inferctl task")
     .expect("inferctl runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "the daemon answers an error: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the daemon answers an error: {stderr}"
+    );
     assert!(stderr.contains("roll failed"), "{stderr}");
 
     let status = daemon.status().await;
@@ -229,7 +233,8 @@ async fn inferctl_roll_fails_cleanly_when_new_workers_cannot_start() {
 async fn sighup_to_a_broken_model_keeps_the_old_config_for_every_worker() {
     let daemon = Daemon::start(DaemonConfig::new()).await;
     let before = worker_pids(&daemon.status().await);
-    let broken = DaemonConfig::new().model((not_a_model(&daemon), daemon.config().tokenizer.clone()));
+    let broken =
+        DaemonConfig::new().model((not_a_model(&daemon), daemon.config().tokenizer.clone()));
     std::fs::write(daemon.config_path(), broken.to_toml(daemon.socket_path()))
         .expect("write the new config");
     daemon.signal(Signal::SIGHUP);
