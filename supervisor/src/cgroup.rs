@@ -939,7 +939,12 @@ mod tests {
         let parent = std::env::var_os("INFERD_TEST_CGROUP_PARENT").map(PathBuf::from);
         match detect(parent.as_deref()) {
             CgroupSupport::Unavailable { reason } => {
-                println!("{test}: skipped: {reason}");
+                // Straight to stderr: libtest captures `println!`, and a
+                // skip must be seen.
+                if std::env::var_os("INFERD_REQUIRE_CGROUPS").is_some_and(|v| v == "1") {
+                    panic!("{test} needs cgroups, and INFERD_REQUIRE_CGROUPS=1 says this machine can make them: {reason}");
+                }
+                let _ = writeln!(std::io::stderr().lock(), "{test}: skipped: {reason}");
                 None
             }
             support => Some(support.prepare().expect("prepare detected cgroups")),

@@ -30,6 +30,25 @@ pub use load::{BackgroundLoad, Expected, LoadReport, TOLERANCE};
 pub use process::{children_of, pid_alive, proc_state, wait_pids_gone};
 pub use raw::RawConn;
 
+/// Tells whoever runs the tests that `test` did not run, and why. Written
+/// straight to stderr: libtest captures only `print!` and `eprint!`, so a
+/// skip is seen even when the test passes.
+pub fn skipped(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{test}: skipped: {reason}");
+}
+
+/// [`skipped`] for a test that needs per-worker cgroups, except where
+/// `INFERD_REQUIRE_CGROUPS=1` says the machine can make them (`.ci/run`
+/// sets it where it can write its own memory cgroup): there, a skip is a
+/// failure.
+pub fn skipped_without_cgroups(test: &str, reason: &str) {
+    if std::env::var_os("INFERD_REQUIRE_CGROUPS").is_some_and(|v| v == "1") {
+        panic!("{test} needs per-worker cgroups, and INFERD_REQUIRE_CGROUPS=1 says this machine can make them: {reason}");
+    }
+    skipped(test, reason);
+}
+
 pub use inferd_client::{Client, ClientError};
 pub use inferd_proto::{
     EmbedResult, PoolStatus, RequestError, RollReport, RollState, WorkerStatus,

@@ -216,14 +216,20 @@ async fn idle_connection_flood_is_capped_and_worker_spawns_still_work() {
     match raise_own_nofile() {
         Ok(limit) if limit >= FLOOD as u64 + 1000 => {}
         Ok(limit) => {
-            eprintln!(
-                "skipped: this process may open {limit} descriptors; the flood needs {}",
-                FLOOD + 1000
+            inferd_tests::skipped(
+                "idle_connection_flood_is_capped_and_worker_spawns_still_work",
+                &format!(
+                    "this process may open {limit} descriptors; the flood needs {}",
+                    FLOOD + 1000
+                ),
             );
             return;
         }
         Err(e) => {
-            eprintln!("skipped: cannot raise RLIMIT_NOFILE: {e}");
+            inferd_tests::skipped(
+                "idle_connection_flood_is_capped_and_worker_spawns_still_work",
+                &format!("cannot raise RLIMIT_NOFILE: {e}"),
+            );
             return;
         }
     }
@@ -513,7 +519,10 @@ async fn neighbour_uid_cannot_lock_others_out() {
     let _serial = SERIAL.lock().await;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to connect as another uid");
+        inferd_tests::skipped(
+            "neighbour_uid_cannot_lock_others_out",
+            "needs root to connect as another uid",
+        );
         return;
     }
     // The socket must be reachable by uid 65534: a traversable directory.
@@ -548,7 +557,10 @@ async fn neighbour_uid_cannot_lock_others_out() {
     let mut neighbour = match neighbour {
         Ok(child) => child,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("skipped: python3 (which plays the neighbour) is not installed");
+            inferd_tests::skipped(
+                "neighbour_uid_cannot_lock_others_out",
+                "python3 (which plays the neighbour) is not installed",
+            );
             return;
         }
         Err(e) => panic!("cannot start python3 for the neighbour: {e}"),
@@ -789,11 +801,17 @@ async fn announced_frames_and_a_full_queue_stay_within_memory_bounds() {
     match raise_own_nofile() {
         Ok(limit) if limit >= ANNOUNCERS as u64 + 500 => {}
         Ok(limit) => {
-            eprintln!("skipped: this process may open {limit} descriptors; {ANNOUNCERS} needed");
+            inferd_tests::skipped(
+                "announced_frames_and_a_full_queue_stay_within_memory_bounds",
+                &format!("this process may open {limit} descriptors; {ANNOUNCERS} needed"),
+            );
             return;
         }
         Err(e) => {
-            eprintln!("skipped: cannot raise RLIMIT_NOFILE: {e}");
+            inferd_tests::skipped(
+                "announced_frames_and_a_full_queue_stay_within_memory_bounds",
+                &format!("cannot raise RLIMIT_NOFILE: {e}"),
+            );
             return;
         }
     }

@@ -225,9 +225,9 @@ async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
     .await;
     let status = daemon.status().await;
     if !status.workers.iter().any(|w| w.cgroup.is_some()) {
-        println!(
-            "skipped: no per-worker cgroup on this machine ({})",
-            status.cgroups
+        inferd_tests::skipped_without_cgroups(
+            "kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried",
+            &format!("no per-worker cgroup on this machine ({})", status.cgroups),
         );
         return;
     }
