@@ -443,6 +443,8 @@ pub struct PoolStatus {
     pub recent_exits: Vec<ExitRecord>,
     /// The rolling restart under way, or the last one.
     pub roll: Option<RollReport>,
+    /// Test-only `[chaos]` options the workers start with, in words.
+    pub chaos: Option<String>,
     /// Cumulative counters.
     pub counters: Counters,
 }
@@ -583,6 +585,27 @@ pub struct ChaosOptions {
     /// Keep this many bytes (written, so resident) after every request: a
     /// simulated leak.
     pub leak_bytes_per_request: u64,
+}
+
+impl ChaosOptions {
+    /// The options that are on, in words (for the startup warning and
+    /// status); `None` when none is.
+    pub fn describe(&self) -> Option<String> {
+        let mut on = Vec::new();
+        if let Some(marker) = &self.crash_marker {
+            on.push(format!("crash_marker {marker:?}"));
+        }
+        if let Some(marker) = &self.hang_marker {
+            on.push(format!("hang_marker {marker:?}"));
+        }
+        if self.leak_bytes_per_request > 0 {
+            on.push(format!(
+                "leak_bytes_per_request {}",
+                self.leak_bytes_per_request
+            ));
+        }
+        (!on.is_empty()).then(|| on.join(", "))
+    }
 }
 
 /// Everything a worker needs to load its model.
@@ -775,6 +798,7 @@ mod tests {
                     reason: "model.onnx: not an ONNX file".into(),
                 },
             }),
+            chaos: Some("hang_marker \"h\"".into()),
             counters: Counters {
                 requests_abandoned: 2,
                 connections_refused: [("max_connections".to_owned(), 5)].into(),

@@ -323,6 +323,7 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
                 },
             },
         }),
+        chaos: rng.option(Rng::string),
         counters: Counters {
             requests_accepted: rng.int(),
             requests_rejected: rng.int(),

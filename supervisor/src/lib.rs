@@ -175,6 +175,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
         ));
     }
     info!(workers = config.workers, model = %config.model.display(), "inferd started");
+    warn_about_chaos(&config);
     let mut next_conn_id: u64 = 0;
     // A failed accept pauses both listeners for a moment; the pause is an
     // event of its own so that signals are handled meanwhile.
@@ -282,6 +283,14 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
             Err(err.into())
         }
         Err(join) => Err(DaemonError::PoolPanicked(join)),
+    }
+}
+
+/// `[chaos]` options make workers crash, hang or leak on purpose: fine in
+/// tests, never what production wants, so each start and reload says so.
+fn warn_about_chaos(config: &Config) {
+    if let Some(chaos) = config.chaos.describe() {
+        warn!(%chaos, "test-only [chaos] options are on: workers will misbehave on purpose");
     }
 }
 
@@ -442,6 +451,7 @@ fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Op
     new.cgroup_parent = running.cgroup_parent.clone();
     new.http_listen = running.http_listen;
     info!("SIGHUP: configuration re-read; rolling every worker");
+    warn_about_chaos(&new);
     Some(Arc::new(new))
 }
 

@@ -583,6 +583,7 @@ mod tests {
             cgroups: "off".into(),
             recent_exits: Vec::new(),
             roll: None,
+            chaos: None,
             counters: Counters {
                 requests_accepted: 100,
                 requests_ok: 90,

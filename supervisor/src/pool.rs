@@ -1404,6 +1404,7 @@ impl Pool {
                     },
                 })
                 .or_else(|| self.last_roll.clone()),
+            chaos: self.config.chaos.describe(),
             counters: Counters {
                 connections_refused: self.seams.connections.refused(),
                 ..self.counters.clone()

@@ -108,7 +108,18 @@ async fn a_second_sigterm_cuts_the_drain_short() {
             .chaos("hang_marker", "__hang__"),
     )
     .await;
-    let workers = worker_pids(&daemon.status().await);
+    let status = daemon.status().await;
+    assert_eq!(
+        status.chaos.as_deref(),
+        Some("hang_marker \"__hang__\""),
+        "status shows the test-only options"
+    );
+    let log = daemon.log();
+    assert!(
+        log.matches("test-only [chaos] options are on").count() >= 2,
+        "the supervisor and its worker warn about [chaos]:\n{log}"
+    );
+    let workers = worker_pids(&status);
     let socket = daemon.socket_path().to_path_buf();
     let hung = tokio::spawn(async move {
         let mut client = Client::connect(&socket).await.expect("connect");

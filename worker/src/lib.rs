@@ -18,7 +18,7 @@ use inferd_proto::{
     TokenizeResult, WorkerCommand, WorkerConfig, WorkerEvent, DEFAULT_MAX_FRAME_BYTES,
 };
 use tokio::net::UnixStream;
-use tracing::{debug, error, info, info_span, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 /// The worker's side of the supervisor connection.
 type SupervisorConnection = Connection<UnixStream, WorkerEvent, WorkerCommand>;
@@ -103,6 +103,9 @@ async fn serve_started(
     mut conn: SupervisorConnection,
     config: WorkerConfig,
 ) -> Result<(), WorkerError> {
+    if let Some(chaos) = config.chaos.describe() {
+        warn!(%chaos, "test-only [chaos] options are on: this worker misbehaves on purpose");
+    }
     let started = Instant::now();
     let engine = match Engine::load(&engine_config(&config)) {
         Ok(engine) => engine,

@@ -50,6 +50,9 @@ pub fn format_status(status: &PoolStatus) -> String {
     if let Some(reason) = &status.unavailable_reason {
         let _ = writeln!(out, "UNAVAILABLE  {reason}");
     }
+    if let Some(chaos) = &status.chaos {
+        let _ = writeln!(out, "CHAOS        test-only options on: {chaos}");
+    }
     if let Some(roll) = &status.roll {
         let _ = writeln!(
             out,
@@ -236,6 +239,7 @@ mod tests {
                     reason: "model.onnx: not an ONNX file".into(),
                 },
             }),
+            chaos: Some("crash_marker \"boom\"".into()),
             counters,
         };
         let text = format_status(&status);
@@ -253,6 +257,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("UNAVAILABLE  model file missing"), "{text}");
+        assert!(
+            text.contains("CHAOS        test-only options on: crash_marker \"boom\""),
+            "{text}"
+        );
         assert!(
             text.contains("roll         generation 3: FAILED: model.onnx: not an ONNX file, 0 worker(s) replaced"),
             "{text}"
