@@ -16,7 +16,9 @@
 //!   kernel would free if this worker exited.
 //!
 //! `smaps_rollup` walks every mapping under the process's mmap lock, so PSS
-//! and USS are only read when [`ProcfsMemory::new`] was asked for them.
+//! and USS are only read when [`ProcfsMemory::new`] was asked for them, and
+//! the pool reads them only on its memory check timer: after an answer it
+//! takes [`MemorySource::resident_bytes`] alone.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -47,6 +49,12 @@ pub trait MemorySource: Send + 'static {
     /// files are unreadable.
     fn usage(&self, pid: Pid) -> Option<MemoryUsage>;
 
+    /// Only the resident bytes of `pid`: the cheap reading, taken after
+    /// every answer ([`MemorySource::usage`] may walk every mapping).
+    fn resident_bytes(&self, pid: Pid) -> Option<u64> {
+        self.usage(pid).map(|usage| usage.rss_bytes)
+    }
+
     /// `pid` was reaped: drop whatever is kept for it (its number may be
     /// reused by an unrelated process).
     fn forget(&self, _pid: Pid) {}
@@ -75,7 +83,7 @@ impl ProcfsMemory {
     /// Resident bytes from `pid`'s kept-open `statm`, opening it the first
     /// time. A dead process reads as gone: the kernel answers an error, or
     /// zeros once its memory is released.
-    fn resident_bytes(&self, pid: Pid) -> Option<u64> {
+    fn statm_resident_bytes(&self, pid: Pid) -> Option<u64> {
         let mut files = self.statm.lock().unwrap_or_else(PoisonError::into_inner);
         let file = match files.entry(pid.as_raw()) {
             Entry::Occupied(entry) => entry.into_mut(),
@@ -102,9 +110,13 @@ impl ProcfsMemory {
 }
 
 impl MemorySource for ProcfsMemory {
+    fn resident_bytes(&self, pid: Pid) -> Option<u64> {
+        self.statm_resident_bytes(pid)
+    }
+
     fn usage(&self, pid: Pid) -> Option<MemoryUsage> {
         let mut usage = MemoryUsage {
-            rss_bytes: self.resident_bytes(pid)?,
+            rss_bytes: self.statm_resident_bytes(pid)?,
             ..MemoryUsage::default()
         };
         if self.detailed {

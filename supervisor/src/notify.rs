@@ -15,9 +15,10 @@
 //! systemd may hand out abstract-namespace sockets (`NOTIFY_SOCKET=@...`).
 //!
 //! Sending never fails the daemon: the first failure is logged with
-//! `warn!`, later ones at `debug!`. A send waits at most [`SEND_TIMEOUT`]
-//! when systemd's receive queue is full, so a stalled service manager cannot
-//! stall the event loop for long.
+//! `warn!`, later ones at `debug!`. The datagrams are sent, in order, by a
+//! thread of the notifier's own: the event loop only queues them, so a
+//! stalled service manager never stalls it. A send waits at most
+//! [`SEND_TIMEOUT`] when systemd's receive queue is full.
 //!
 //! Order of calls over the daemon's life (see `DESIGN.md`, "Signals and
 //! systemd"): [`Notifier::ready`] once the socket is bound and the first
@@ -35,6 +36,8 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -46,14 +49,36 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// Talks to systemd's `NOTIFY_SOCKET` (no-op when unset).
 #[derive(Debug)]
 pub struct Notifier {
-    /// Where notifications go; `None` when there is no usable
-    /// `NOTIFY_SOCKET`, which makes every method a no-op.
-    target: Option<Target>,
+    /// The sending thread; `None` when there is no usable `NOTIFY_SOCKET`,
+    /// which makes every method a no-op.
+    sender: Option<Sender>,
     /// How often to send `WATCHDOG=1`: half of `WATCHDOG_USEC`, when the
     /// watchdog is meant for this process.
     watchdog: Option<Duration>,
-    /// Set by the first failed send, so a broken channel warns only once.
-    warned: AtomicBool,
+    /// Set by the sending thread's first failed send, so a broken channel
+    /// warns only once; kept here for tests to look at.
+    #[cfg(test)]
+    warned: Arc<AtomicBool>,
+}
+
+/// The queue to the thread that sends the datagrams.
+#[derive(Debug)]
+struct Sender {
+    /// Messages, in order; dropping it ends the thread.
+    queue: Option<mpsc::Sender<String>>,
+    /// Joined on drop, so queued messages go out before the daemon exits.
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        if let Some(sender) = &mut self.sender {
+            drop(sender.queue.take());
+            if let Some(thread) = sender.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
 }
 
 /// An open channel to the service manager.
@@ -103,21 +128,42 @@ impl Notifier {
     /// disabled notifier and a warning.
     pub fn with_socket(socket: impl AsRef<OsStr>) -> Notifier {
         let socket = socket.as_ref();
+        let warned = Arc::new(AtomicBool::new(false));
         let target = match Target::open(socket) {
-            Ok(target) => Some(target),
+            Ok(target) => target,
             Err(err) => {
                 warn!(
                     notify_socket = %socket.to_string_lossy(),
                     error = %inferd_proto::error_chain(&err),
                     "NOTIFY_SOCKET unusable; systemd will not hear from inferd"
                 );
-                None
+                return Notifier::disabled();
+            }
+        };
+        let (queue, messages) = mpsc::channel::<String>();
+        let thread_warned = Arc::clone(&warned);
+        let thread = std::thread::Builder::new()
+            .name("sd-notify".into())
+            .spawn(move || {
+                for message in messages {
+                    target.deliver(&message, &thread_warned);
+                }
+            });
+        let sender = match thread {
+            Ok(thread) => Sender {
+                queue: Some(queue),
+                thread: Some(thread),
+            },
+            Err(err) => {
+                warn!(error = %err, "cannot start the systemd notification thread; systemd will not hear from inferd");
+                return Notifier::disabled();
             }
         };
         Notifier {
-            target,
+            sender: Some(sender),
             watchdog: None,
-            warned: AtomicBool::new(false),
+            #[cfg(test)]
+            warned,
         }
     }
 
@@ -135,7 +181,7 @@ impl Notifier {
             return Notifier::disabled();
         };
         let mut notifier = Notifier::with_socket(socket);
-        if notifier.target.is_some() {
+        if notifier.sender.is_some() {
             notifier.watchdog = watchdog_interval(watchdog_usec, watchdog_pid, our_pid);
         }
         notifier
@@ -144,15 +190,16 @@ impl Notifier {
     /// A notifier that sends nothing (not under systemd).
     pub fn disabled() -> Notifier {
         Notifier {
-            target: None,
+            sender: None,
             watchdog: None,
-            warned: AtomicBool::new(false),
+            #[cfg(test)]
+            warned: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// Whether notifications go anywhere.
     pub fn is_enabled(&self) -> bool {
-        self.target.is_some()
+        self.sender.is_some()
     }
 
     /// `READY=1` with a one-line status: startup finished, or a reload
@@ -166,7 +213,7 @@ impl Notifier {
     /// in microseconds, which `Type=notify-reload` requires to match the
     /// reload to its SIGHUP). Follow it with [`Notifier::ready`].
     pub fn reloading(&self) {
-        if self.target.is_none() {
+        if self.sender.is_none() {
             return;
         }
         match NotifyState::monotonic_usec_now() {
@@ -201,9 +248,9 @@ impl Notifier {
         self.send(&[NotifyState::Watchdog]);
     }
 
-    /// Sends `states` as one datagram, one `KEY=VALUE` per line.
+    /// Queues `states` as one datagram, one `KEY=VALUE` per line.
     fn send(&self, states: &[NotifyState<'_>]) {
-        let Some(target) = &self.target else {
+        let Some(queue) = self.sender.as_ref().and_then(|s| s.queue.as_ref()) else {
             return;
         };
         let message = states
@@ -211,7 +258,15 @@ impl Notifier {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n");
-        let result = match target.socket.send_to_addr(message.as_bytes(), &target.addr) {
+        // The thread ends only when this queue is dropped.
+        let _ = queue.send(message);
+    }
+}
+
+impl Target {
+    /// Sends one message (on the notification thread).
+    fn deliver(&self, message: &str, warned: &AtomicBool) {
+        let result = match self.socket.send_to_addr(message.as_bytes(), &self.addr) {
             Ok(n) if n == message.len() => Ok(()),
             Ok(n) => Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -221,16 +276,14 @@ impl Notifier {
         };
         if let Err(err) = result {
             let first_line = message.lines().next().unwrap_or_default();
-            if self.warned.swap(true, Ordering::Relaxed) {
-                debug!(notify_socket = %target.name, message = first_line, error = %err, "cannot notify systemd");
+            if warned.swap(true, Ordering::Relaxed) {
+                debug!(notify_socket = %self.name, message = first_line, error = %err, "cannot notify systemd");
             } else {
-                warn!(notify_socket = %target.name, message = first_line, error = %err, "cannot notify systemd (further failures are logged at debug level)");
+                warn!(notify_socket = %self.name, message = first_line, error = %err, "cannot notify systemd (further failures are logged at debug level)");
             }
         }
     }
-}
 
-impl Target {
     /// Resolves `NOTIFY_SOCKET` and creates the sending socket.
     fn open(socket: &OsStr) -> Result<Target, TargetError> {
         let bytes = socket.as_bytes();
@@ -408,9 +461,11 @@ mod tests {
         let notifier = Notifier::with_socket(dir.path().join("nobody-listens.sock"));
         assert!(notifier.is_enabled());
         notifier.ready("x");
-        assert!(notifier.warned.load(Ordering::Relaxed));
         notifier.stopping();
-        assert!(notifier.warned.load(Ordering::Relaxed));
+        let warned = Arc::clone(&notifier.warned);
+        // Dropping the notifier waits for its thread to send what is queued.
+        drop(notifier);
+        assert!(warned.load(Ordering::Relaxed));
     }
 
     #[test]

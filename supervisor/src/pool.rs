@@ -22,12 +22,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::cgroup::{self, Cgroups, Leaf};
 use crate::config::Config;
 use crate::connections::ConnectionLimits;
-use crate::memory::MemorySource;
+use crate::memory::{MemorySource, MemoryUsage};
 use crate::notify::Notifier;
 use crate::policy::{RecyclePolicy, RestartPacer, Verdict, WorkerFacts};
 use crate::process::{self, KillReason, OomEvidence, RetireReason, WorkerEnd};
@@ -40,6 +41,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// A worker asked to exit (after its last request) gets this long before
 /// SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// At stop, how long cgroup leaf removals still running may take.
+const CLEANUP_GRACE: Duration = Duration::from_secs(2);
 /// A worker whose socket closed gets this long to exit before SIGKILL.
 const LOST_GRACE: Duration = Duration::from_secs(2);
 /// A request in flight at this many worker deaths is poison.
@@ -145,6 +148,16 @@ pub enum PoolError {
     Signal(#[source] std::io::Error),
 }
 
+/// How much of a worker's memory a judgement reads.
+#[derive(Debug, Clone, Copy)]
+enum Reading {
+    /// Everything the memory source gives (PSS and USS walk every mapping):
+    /// on the memory check timer.
+    Full,
+    /// Resident bytes only (one `pread`): after every answer.
+    Resident,
+}
+
 /// Whether the pool takes new work.
 #[derive(Debug, Clone, Copy)]
 enum Phase {
@@ -220,6 +233,9 @@ pub struct Pool {
     phase: Phase,
     /// Pool start, for uptime.
     started: Instant,
+    /// Blocking clean-ups (cgroup leaf removal) running off the pool's
+    /// thread; waited for, bounded, when the pool stops.
+    cleanup: TaskTracker,
 }
 
 impl Pool {
@@ -265,6 +281,15 @@ impl Pool {
                 while let Ok(msg) = requests.try_recv() {
                     msg.refuse(RequestError::ShuttingDown);
                 }
+                pool.cleanup.close();
+                if tokio::time::timeout(CLEANUP_GRACE, pool.cleanup.wait())
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        "worker cgroup removal did not finish; the next start removes what is left"
+                    );
+                }
                 info!("pool stopped");
                 return Ok(());
             }
@@ -300,6 +325,7 @@ impl Pool {
             last_watchdog: now,
             phase: Phase::Running,
             started: now,
+            cleanup: TaskTracker::new(),
             config,
         }
     }
@@ -411,7 +437,7 @@ impl Pool {
             return;
         }
         for worker_id in stale {
-            self.judge_worker(worker_id, now);
+            self.judge_worker(worker_id, Reading::Resident, now);
         }
     }
 
@@ -720,10 +746,10 @@ impl Pool {
         match worker.complete(request_id, now) {
             Ok(Some(request)) => {
                 self.finish(request, result, now);
-                self.judge_worker(worker_id, now);
+                self.judge_worker(worker_id, Reading::Resident, now);
             }
             // Answered already (its deadline passed while it ran).
-            Ok(None) => self.judge_worker(worker_id, now),
+            Ok(None) => self.judge_worker(worker_id, Reading::Resident, now),
             Err(err) => {
                 warn!(worker_id, pid = worker.pid.as_raw(), error = %err, "protocol violation; killing");
                 self.kill(worker_id, KillReason::ProtocolViolation, now);
@@ -805,9 +831,13 @@ impl Pool {
                 .map(|report| WorkerEnd::classify(report, worker.intent(), oom_evidence(&worker)));
             self.on_exit(&mut worker, end, now);
             if let Some(leaf) = worker.leaf.take() {
-                if let Err(err) = leaf.remove() {
-                    warn!(worker_id, error = %inferd_proto::error_chain(&err), "cannot remove the worker's cgroup");
-                }
+                // rmdir waits (up to 500 ms) for the kernel to let go of the
+                // exited process: not on the pool's thread.
+                self.cleanup.spawn_blocking(move || {
+                    if let Err(err) = leaf.remove() {
+                        warn!(worker_id, error = %inferd_proto::error_chain(&err), "cannot remove the worker's cgroup");
+                    }
+                });
             }
         }
         self.ensure_workers(now);
@@ -992,8 +1022,9 @@ impl Pool {
         }
     }
 
-    /// Reads one worker's memory and acts on the policy's verdict.
-    fn judge_worker(&mut self, worker_id: u64, now: Instant) {
+    /// Reads one worker's memory (`reading`) and acts on the policy's
+    /// verdict.
+    fn judge_worker(&mut self, worker_id: u64, reading: Reading, now: Instant) {
         let Some(worker) = self.workers.get_mut(&worker_id) else {
             return;
         };
@@ -1002,7 +1033,19 @@ impl Pool {
         }
         // One procfs read per judgement, kept for status too.
         if self.policy.watches_memory() {
-            worker.memory = self.seams.memory.usage(worker.pid);
+            worker.memory = match reading {
+                Reading::Full => self.seams.memory.usage(worker.pid),
+                // PSS and USS stay as the last timer read them.
+                Reading::Resident => {
+                    self.seams
+                        .memory
+                        .resident_bytes(worker.pid)
+                        .map(|rss_bytes| MemoryUsage {
+                            rss_bytes,
+                            ..worker.memory.unwrap_or_default()
+                        })
+                }
+            };
         }
         let facts = WorkerFacts {
             id: worker.id,
@@ -1102,7 +1145,7 @@ impl Pool {
             self.last_memory_check = now;
             let ids: Vec<u64> = self.workers.keys().copied().collect();
             for worker_id in ids {
-                self.judge_worker(worker_id, now);
+                self.judge_worker(worker_id, Reading::Full, now);
             }
         }
         self.advance_roll(now);
