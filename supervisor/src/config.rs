@@ -246,6 +246,11 @@ impl Default for Config {
     }
 }
 
+/// The configuration as it is now: replaced on every valid reload, read by
+/// connections for each request (access lists, model names, limits shown
+/// to clients), so a reload reaches connections already open.
+pub type LiveConfig = tokio::sync::watch::Receiver<std::sync::Arc<Config>>;
+
 /// A configuration that cannot be used, with what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

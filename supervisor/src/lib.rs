@@ -177,6 +177,9 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
     info!(workers = config.workers, model = %config.model.display(), "inferd started");
     warn_about_chaos(&config);
     let mut next_conn_id: u64 = 0;
+    // Connections read the configuration through this, so a reload reaches
+    // those already open.
+    let (config_tx, live_config) = tokio::sync::watch::channel(Arc::clone(&config));
     // A failed accept pauses both listeners for a moment; the pause is an
     // event of its own so that signals are handled meanwhile.
     let mut accept_pause = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
@@ -194,6 +197,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                 // the pool sends; an invalid one is answered here.
                 if let Some(reloaded) = reload(&args, &config, &notifier) {
                     config = reloaded;
+                    config_tx.send_replace(Arc::clone(&config));
                     http_shared.set_api_keys(config.api_keys.clone());
                     // Sent from a task of its own: waiting here for room in a
                     // full channel would hold up signal handling.
@@ -207,7 +211,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                 Ok((stream, _)) => {
                     next_conn_id += 1;
                     let cx = server::ServeContext {
-                        config: config.clone(),
+                        config: live_config.clone(),
                         limits: Arc::clone(&limits),
                         lingering: Arc::clone(&lingering),
                         read_budget: Arc::clone(&read_budget),
@@ -230,7 +234,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
                         limits: Arc::clone(&limits),
                         lingering: Arc::clone(&lingering),
                         http: http::HttpContext {
-                            config: config.clone(),
+                            config: live_config.clone(),
                             pool: pool_tx.clone(),
                             shutdown: shutdown.clone(),
                             shared: Arc::clone(&http_shared),
@@ -431,6 +435,15 @@ fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Op
         ),
         ("http_listen", new.http_listen != running.http_listen),
         (
+            "metrics_listen",
+            new.metrics_listen != running.metrics_listen,
+        ),
+        (
+            "max_connections",
+            new.max_connections != running.max_connections
+                || new.max_connections_per_uid != running.max_connections_per_uid,
+        ),
+        (
             "cgroups",
             new.cgroups != running.cgroups || new.cgroup_parent != running.cgroup_parent,
         ),
@@ -450,6 +463,9 @@ fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Op
     new.cgroups = running.cgroups;
     new.cgroup_parent = running.cgroup_parent.clone();
     new.http_listen = running.http_listen;
+    new.metrics_listen = running.metrics_listen;
+    new.max_connections = running.max_connections;
+    new.max_connections_per_uid = running.max_connections_per_uid;
     info!("SIGHUP: configuration re-read; rolling every worker");
     warn_about_chaos(&new);
     Some(Arc::new(new))

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::access::Peer;
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::connections::{ConnectionLimits, ConnectionPermit, REFUSED_PERMISSION};
 use crate::http::{self, HttpShared, Protocol};
 use crate::pool::PoolMsg;
@@ -54,8 +54,8 @@ type ClientConnection = Connection<UnixStream, ServerMessage, ClientMessage>;
 /// Everything a connection task needs besides its socket.
 #[derive(Clone)]
 pub struct ServeContext {
-    /// The configuration the connection was accepted with.
-    pub config: Arc<Config>,
+    /// The configuration as it is now (see [`LiveConfig`]).
+    pub config: LiveConfig,
     /// The connection caps.
     pub limits: Arc<ConnectionLimits>,
     /// Refused peers allowed to linger at once; beyond that a refusal is
@@ -135,7 +135,7 @@ fn admit(cx: &ServeContext, peer: Peer) -> Result<ConnectionPermit, RequestError
         .inspect_err(|error| {
             warn!(%error, "refusing client connection");
         })?;
-    if let Err(reason) = cx.config.access.admit(peer) {
+    if let Err(reason) = cx.config.borrow().access.admit(peer) {
         warn!(%reason, "refusing client");
         cx.limits.count_refusal(REFUSED_PERMISSION);
         return Err(RequestError::PermissionDenied { reason });
@@ -218,8 +218,9 @@ async fn serve_peer(
         shutdown,
         ..
     } = cx;
-    let mut conn =
-        ClientConnection::new(stream, config.max_frame_bytes).with_read_budget(read_budget);
+    // `max_frame_bytes` only takes effect at start: any snapshot will do.
+    let max_frame_bytes = config.borrow().max_frame_bytes;
+    let mut conn = ClientConnection::new(stream, max_frame_bytes).with_read_budget(read_budget);
     match conn.handshake("inferd").await {
         Ok(hello) => debug!(peer = %hello.software, "client connected"),
         Err(err) => {
@@ -241,8 +242,18 @@ async fn serve_peer(
                 Ok(Some(message)) => {
                     outstanding += 1;
                     let responder = Responder::new(message.id(), answers_tx.clone());
+                    // Access is checked against the configuration as it is
+                    // now: a reload that drops this peer refuses its next
+                    // request and closes the connection once it is answered.
+                    let current = Arc::clone(&config.borrow());
+                    if let Err(reason) = current.access.admit(peer) {
+                        warn!(%reason, "the access lists no longer admit this client; closing its connection");
+                        responder.fail(RequestError::PermissionDenied { reason });
+                        reading = false;
+                        continue;
+                    }
                     if message.is_control() {
-                        if let Err(reason) = config.access.control(peer) {
+                        if let Err(reason) = current.access.control(peer) {
                             warn!(%reason, "refusing control request");
                             responder.fail(RequestError::PermissionDenied { reason });
                             continue;

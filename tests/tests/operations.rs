@@ -318,6 +318,75 @@ async fn uid_outside_the_allow_list_is_refused() {
     assert!(daemon.log().contains("refusing client"));
 }
 
+/// One keep-alive HTTP/1.1 request on `stream`: the status line and whether
+/// the answer says the connection closes.
+fn http_get(stream: &mut std::os::unix::net::UnixStream, path: &str) -> (String, bool) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: inferd\r\n\r\n").expect("send");
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("status line");
+    let (mut length, mut close) = (0usize, false);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("header");
+        let lower = line.trim().to_ascii_lowercase();
+        if lower.is_empty() {
+            break;
+        }
+        if let Some(value) = lower.strip_prefix("content-length:") {
+            length = value.trim().parse().expect("content length");
+        }
+        close |= lower == "connection: close";
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("body");
+    (status.trim().to_owned(), close)
+}
+
+#[tokio::test]
+async fn a_reload_that_drops_a_uid_closes_its_open_connections() {
+    let own = nix::unistd::getuid().as_raw();
+    let daemon = Daemon::start(DaemonConfig::new().workers(1)).await;
+    let mut native = daemon.client().await;
+    native
+        .embed(vec!["before the reload".into()], None)
+        .await
+        .expect("admitted at first");
+    let mut http = std::os::unix::net::UnixStream::connect(daemon.socket_path()).expect("connect");
+    http.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let (status, _) = http_get(&mut http, "/info");
+    assert!(status.ends_with("200 OK"), "{status}");
+
+    let config = daemon
+        .config()
+        .clone()
+        .set("access", access(&[("allowed_uids", vec![own + 4242])]));
+    std::fs::write(daemon.config_path(), config.to_toml(daemon.socket_path()))
+        .expect("write the new config");
+    daemon.signal(Signal::SIGHUP);
+    daemon
+        .wait_for_log("SIGHUP: configuration re-read", Duration::from_secs(10))
+        .await;
+
+    match native.embed(vec!["after the reload".into()], None).await {
+        Err(ClientError::Request(RequestError::PermissionDenied { reason })) => {
+            assert!(reason.contains(&format!("uid {own}")), "{reason}")
+        }
+        other => panic!("an open native connection of a dropped uid got {other:?}"),
+    }
+    assert!(
+        matches!(native.status().await, Err(ClientError::Closed)),
+        "the native connection is closed after the refusal"
+    );
+    let (status, close) = tokio::task::spawn_blocking(move || http_get(&mut http, "/info"))
+        .await
+        .expect("http task");
+    assert!(status.ends_with("403 Forbidden"), "{status}");
+    assert!(close, "the HTTP connection is closed after the refusal");
+}
+
 #[tokio::test]
 async fn control_operations_can_be_restricted_separately() {
     let own = nix::unistd::getuid().as_raw();

@@ -69,9 +69,24 @@ pub(super) fn router(state: Arc<ConnState>) -> Router {
         .with_state(state)
 }
 
-/// On the TCP listener with keys configured, lets through only requests
-/// with a valid key, and `/health` (a load balancer's probe has none).
+/// On the Unix socket, lets through only peers the access lists admit now
+/// (a reload may have dropped one since it connected: it is refused and
+/// its connection closed). On the TCP listener with keys configured, lets
+/// through only requests with a valid key, and `/health` (a load
+/// balancer's probe has none).
 async fn require_key(State(conn): Conn, request: Request, next: Next) -> Response {
+    if let Door::Unix(peer) = conn.door {
+        if let Err(reason) = conn.config().access.admit(peer) {
+            tracing::warn!(%reason, "the access lists no longer admit this client; closing its connection");
+            let flavor = Flavor::of_path(request.uri().path());
+            let error = RequestError::PermissionDenied { reason };
+            let mut response = ApiError::from_request(flavor, &error).into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    }
     if matches!(conn.door, Door::Tcp) && request.uri().path() != "/health" {
         let presented = request
             .headers()
@@ -149,11 +164,11 @@ struct OpenAiRequest {
 async fn openai_embeddings(State(conn): Conn, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let flavor = Flavor::OpenAi;
-    let served = model_name(&conn.config);
+    let served = model_name(&conn.config());
     let answer = async {
         let request: OpenAiRequest = read_json(&conn, flavor, body).await?;
         if let Some(model) = request.model.as_deref() {
-            if model != served && !conn.config.model_aliases.iter().any(|a| a == model) {
+            if model != served && !conn.config().model_aliases.iter().any(|a| a == model) {
                 return Err(ApiError::new(
                     flavor,
                     StatusCode::NOT_FOUND,
@@ -188,7 +203,7 @@ async fn openai_embeddings(State(conn): Conn, headers: HeaderMap, body: Body) ->
         }
         let texts = match request.input {
             Inputs::Texts(texts) => texts,
-            Inputs::TokenIds(ids) => openai_ids::decode(ids, conn.config.max_text_bytes)
+            Inputs::TokenIds(ids) => openai_ids::decode(ids, conn.config().max_text_bytes)
                 .await
                 .map_err(|m| ApiError::invalid(flavor, m).with_code("invalid_token_ids"))?,
         };
@@ -273,7 +288,7 @@ struct Usage {
 }
 
 async fn openai_models(State(conn): Conn) -> Json<Value> {
-    let served = model_name(&conn.config);
+    let served = model_name(&conn.config());
     let entry = |id: &str| {
         json!({
             "id": id,
@@ -283,7 +298,7 @@ async fn openai_models(State(conn): Conn) -> Json<Value> {
         })
     };
     let data: Vec<Value> = std::iter::once(served.as_str())
-        .chain(conn.config.model_aliases.iter().map(String::as_str))
+        .chain(conn.config().model_aliases.iter().map(String::as_str))
         .map(entry)
         .collect();
     Json(json!({ "object": "list", "data": data }))
@@ -311,7 +326,7 @@ async fn tei_embed(State(conn): Conn, headers: HeaderMap, body: Body) -> Respons
     let answer = async {
         let request: TeiRequest = read_json(&conn, flavor, body).await?;
         let normalize = request.normalize.unwrap_or(true);
-        if !normalize && conn.config.normalize {
+        if !normalize && conn.config().normalize {
             return Err(ApiError::invalid(
                 flavor,
                 "normalize=false is not supported: the daemon's normalize setting is true",
@@ -338,7 +353,7 @@ async fn tei_embed(State(conn): Conn, headers: HeaderMap, body: Body) -> Respons
         if request.truncate == Some(false) && result.truncated.iter().any(|&cut| cut) {
             // TEI's answer to an over-long input with truncation off. The
             // worker only reports that it cut, not the original length.
-            let max = conn.config.max_seq_len;
+            let max = conn.config().max_seq_len;
             return Err(ApiError::new(
                 flavor,
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -349,7 +364,7 @@ async fn tei_embed(State(conn): Conn, headers: HeaderMap, body: Body) -> Respons
                 ),
             ));
         }
-        if normalize && !conn.config.normalize {
+        if normalize && !conn.config().normalize {
             for vector in &mut result.embeddings {
                 l2_normalize(vector);
             }
@@ -448,7 +463,8 @@ fn l2_normalize(vector: &mut [f32]) {
 }
 
 async fn info(State(conn): Conn) -> Json<Value> {
-    let config = &conn.config;
+    let config = conn.config();
+    let config = &config;
     let model = model_name(config);
     Json(json!({
         "model_id": model,
@@ -492,7 +508,7 @@ async fn health(State(conn): Conn) -> Response {
 async fn metrics(State(conn): Conn) -> Response {
     // TCP clients reach this only with an API key (see `require_key`).
     if let Door::Unix(peer) = conn.door {
-        if let Err(reason) = conn.config.access.control(peer) {
+        if let Err(reason) = conn.config().access.control(peer) {
             let error = RequestError::PermissionDenied { reason };
             return ApiError::from_request(Flavor::Tei, &error).into_response();
         }
@@ -522,7 +538,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     flavor: Flavor,
     body: Body,
 ) -> Result<T, ApiError> {
-    let limit = conn.config.max_frame_bytes;
+    let limit = conn.config().max_frame_bytes;
     // Held until the body is read and parsed, like a native frame's.
     let _permits = conn
         .shared
@@ -587,7 +603,7 @@ async fn embed_in_parts(
     headers: &HeaderMap,
     texts: Vec<String>,
 ) -> Result<(EmbedResult, Timing), ApiError> {
-    let part_len = conn.config.max_texts.max(1);
+    let part_len = conn.config().max_texts.max(1);
     if texts.len() <= part_len {
         return embed(conn, flavor, headers, texts).await;
     }
@@ -644,7 +660,7 @@ async fn embed(
     match run(conn, flavor, headers, Task::Embed, texts).await? {
         (ServerMessage::Embeddings { result, .. }, timing) => {
             conn.shared
-                .learn_dims(&model_name(&conn.config), result.dims);
+                .learn_dims(&model_name(&conn.config()), result.dims);
             Ok((result, timing))
         }
         (other, _) => Err(ApiError::from_request(flavor, &unexpected(Some(other)))),

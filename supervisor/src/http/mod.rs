@@ -57,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::access::Peer;
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::connections::{ConnectionLimits, ConnectionPermit};
 use crate::pool::PoolMsg;
 use crate::request::{ClientKey, Tenant};
@@ -246,8 +246,8 @@ pub enum Door {
 /// What the handlers of one HTTP connection share.
 #[derive(Debug)]
 struct ConnState {
-    /// The configuration the connection was accepted with.
-    config: Arc<Config>,
+    /// The configuration as it is now (see [`LiveConfig`]).
+    config: LiveConfig,
     /// How the connection came in.
     door: Door,
     /// The connection, as the fair queue knows it.
@@ -265,10 +265,17 @@ struct ConnState {
     shared: Arc<HttpShared>,
 }
 
+impl ConnState {
+    /// The configuration now; each request takes one snapshot.
+    fn config(&self) -> Arc<crate::config::Config> {
+        Arc::clone(&self.config.borrow())
+    }
+}
+
 /// Everything [`serve`] needs besides the socket.
 pub struct HttpContext {
-    /// The configuration the connection was accepted with.
-    pub config: Arc<Config>,
+    /// The configuration as it is now (see [`LiveConfig`]).
+    pub config: LiveConfig,
     /// The pool.
     pub pool: mpsc::Sender<PoolMsg>,
     /// Cancelled when the daemon shuts down.
