@@ -75,12 +75,14 @@
 mod bounded;
 mod connection;
 mod frame;
+mod kinds;
 mod message;
 
 pub use connection::{Connection, FREE_FRAME_BYTES, HANDSHAKE_TIMEOUT, HELLO_MAX_BYTES};
 pub use frame::{
     decode_payload, encode_frame, put_raw_frame, FrameDecoder, DEFAULT_MAX_FRAME_BYTES,
 };
+pub use kinds::{ErrorKind, ExitKind, RecycleTrigger, RefusalReason, WorkerStateKind};
 pub use message::*;
 
 /// Version of the message layer. Bump on any change to the message enums.

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{bounded, PROTOCOL_VERSION};
+use crate::{
+    bounded, ErrorKind, ExitKind, RecycleTrigger, RefusalReason, WorkerStateKind, PROTOCOL_VERSION,
+};
 
 /// Most texts one embed request may carry on the wire, in
 /// [`ClientMessage::Embed`] and [`WorkerCommand::Embed`], and so most entries
@@ -294,19 +296,19 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    /// Short stable name, used for counters and metrics.
-    pub fn kind(&self) -> &'static str {
+    /// Its kind, for counters and metrics.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::BadRequest { .. } => "bad_request",
-            Self::Overloaded { .. } => "overloaded",
-            Self::Timeout { .. } => "timeout",
-            Self::WorkerLost { .. } => "worker_lost",
-            Self::ShuttingDown => "shutting_down",
-            Self::Unavailable { .. } => "unavailable",
-            Self::TooManyConnections { .. } => "too_many_connections",
-            Self::PermissionDenied { .. } => "permission_denied",
-            Self::RollFailed { .. } => "roll_failed",
-            Self::Internal { .. } => "internal",
+            Self::BadRequest { .. } => ErrorKind::BadRequest,
+            Self::Overloaded { .. } => ErrorKind::Overloaded,
+            Self::Timeout { .. } => ErrorKind::Timeout,
+            Self::WorkerLost { .. } => ErrorKind::WorkerLost,
+            Self::ShuttingDown => ErrorKind::ShuttingDown,
+            Self::Unavailable { .. } => ErrorKind::Unavailable,
+            Self::TooManyConnections { .. } => ErrorKind::TooManyConnections,
+            Self::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            Self::RollFailed { .. } => ErrorKind::RollFailed,
+            Self::Internal { .. } => ErrorKind::Internal,
         }
     }
 }
@@ -501,7 +503,7 @@ pub struct ExitRecord {
     /// Its pid.
     pub pid: u32,
     /// Classified end kind (as in [`Counters::worker_exits`]).
-    pub kind: String,
+    pub kind: ExitKind,
     /// The end in words, with its reason.
     pub description: String,
     /// Requests it answered.
@@ -519,9 +521,8 @@ pub struct WorkerStatus {
     pub id: u64,
     /// Process id.
     pub pid: u32,
-    /// Lifecycle state name (starting, ready, busy, draining, stopping,
-    /// exiting).
-    pub state: String,
+    /// Lifecycle state.
+    pub state: WorkerStateKind,
     /// Resident set size in bytes, if procfs could be read.
     pub rss_bytes: Option<u64>,
     /// Proportional set size, when the memory metric reads smaps_rollup.
@@ -552,7 +553,7 @@ pub struct Counters {
     /// Requests answered with embeddings.
     pub requests_ok: u64,
     /// Failed requests by [`RequestError::kind`].
-    pub requests_failed: BTreeMap<String, u64>,
+    pub requests_failed: BTreeMap<ErrorKind, u64>,
     /// In-flight requests re-dispatched after their worker died.
     pub retries: u64,
     /// Requests quarantined as poison (answered worker-lost).
@@ -561,14 +562,14 @@ pub struct Counters {
     /// before a worker took them.
     pub requests_abandoned: u64,
     /// Connections refused with [`ServerMessage::Refused`], by reason (the
-    /// limit or rule that refused them, e.g. `max_connections`).
-    pub connections_refused: BTreeMap<String, u64>,
+    /// limit or rule that refused them).
+    pub connections_refused: BTreeMap<RefusalReason, u64>,
     /// Workers spawned.
     pub workers_spawned: u64,
-    /// Graceful recycles started, by trigger (soft_limit, max_requests, ...).
-    pub recycles: BTreeMap<String, u64>,
+    /// Graceful recycles started, by trigger.
+    pub recycles: BTreeMap<RecycleTrigger, u64>,
     /// Worker exits by classified end kind.
-    pub worker_exits: BTreeMap<String, u64>,
+    pub worker_exits: BTreeMap<ExitKind, u64>,
 }
 
 /// Test-and-demo behaviours of a worker. All off by default; never enable in
@@ -763,7 +764,7 @@ mod tests {
             workers: vec![WorkerStatus {
                 id: 1,
                 pid: 2,
-                state: "ready".into(),
+                state: WorkerStateKind::Ready,
                 rss_bytes: Some(1 << 20),
                 pss_bytes: None,
                 uss_bytes: None,
@@ -785,7 +786,7 @@ mod tests {
             recent_exits: vec![ExitRecord {
                 worker_id: 1,
                 pid: 9,
-                kind: "oom_killed".into(),
+                kind: ExitKind::OomKilled,
                 description: "OOM".into(),
                 requests_served: 4,
                 age_secs: 2.0,
@@ -801,7 +802,7 @@ mod tests {
             chaos: Some("hang_marker \"h\"".into()),
             counters: Counters {
                 requests_abandoned: 2,
-                connections_refused: [("max_connections".to_owned(), 5)].into(),
+                connections_refused: [(RefusalReason::MaxConnections, 5)].into(),
                 ..Counters::default()
             },
         });
@@ -868,7 +869,7 @@ mod tests {
         let ServerMessage::Refused { error } = refused else {
             unreachable!()
         };
-        assert_eq!(error.kind(), "too_many_connections");
+        assert_eq!(error.kind(), ErrorKind::TooManyConnections);
         assert_eq!(
             error.to_string(),
             "too many connections: uid 1000 has 1024 connections open"

@@ -30,10 +30,11 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use inferd_proto::{
-    decode_payload, encode_frame, ChaosOptions, ClientMessage, Counters, EmbedResult, ExitRecord,
-    FrameDecoder, Hello, PoolStatus, ProtoError, RequestError, RequestLimits, RollReport,
-    RollState, ServerMessage, Timing, Token, TokenizeResult, WorkerCommand, WorkerConfig,
-    WorkerEvent, WorkerStatus, MAX_TEXTS_PER_REQUEST,
+    decode_payload, encode_frame, ChaosOptions, ClientMessage, Counters, EmbedResult, ErrorKind,
+    ExitKind, ExitRecord, FrameDecoder, Hello, PoolStatus, ProtoError, RecycleTrigger,
+    RefusalReason, RequestError, RequestLimits, RollReport, RollState, ServerMessage, Timing,
+    Token, TokenizeResult, WorkerCommand, WorkerConfig, WorkerEvent, WorkerStateKind, WorkerStatus,
+    MAX_TEXTS_PER_REQUEST,
 };
 use serde::de::DeserializeOwned;
 
@@ -208,9 +209,13 @@ impl Rng {
         (0..len).map(|_| make(self)).collect()
     }
 
-    fn map(&mut self) -> BTreeMap<String, u64> {
+    fn map<K: Ord + Copy>(&mut self, keys: &[K]) -> BTreeMap<K, u64> {
         let len = self.below(5);
-        (0..len).map(|_| (self.string(), self.int())).collect()
+        (0..len).map(|_| (self.pick(keys), self.int())).collect()
+    }
+
+    fn pick<K: Copy>(&mut self, values: &[K]) -> K {
+        values[self.below(values.len())]
     }
 }
 
@@ -282,7 +287,7 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
         workers: rng.vec(workers, |rng| WorkerStatus {
             id: rng.int(),
             pid: rng.int() as u32,
-            state: rng.string(),
+            state: rng.pick(WorkerStateKind::ALL),
             rss_bytes: rng.option(Rng::int),
             pss_bytes: rng.option(Rng::int),
             uss_bytes: rng.option(Rng::int),
@@ -304,7 +309,7 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
         recent_exits: rng.vec(exits, |rng| ExitRecord {
             worker_id: rng.int(),
             pid: rng.int() as u32,
-            kind: rng.string(),
+            kind: rng.pick(ExitKind::ALL),
             description: rng.string(),
             requests_served: rng.int(),
             age_secs: rng.int() as f64,
@@ -328,14 +333,14 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
             requests_accepted: rng.int(),
             requests_rejected: rng.int(),
             requests_ok: rng.int(),
-            requests_failed: rng.map(),
+            requests_failed: rng.map(ErrorKind::ALL),
             retries: rng.int(),
             poison_rejections: rng.int(),
             requests_abandoned: rng.int(),
-            connections_refused: rng.map(),
+            connections_refused: rng.map(RefusalReason::ALL),
             workers_spawned: rng.int(),
-            recycles: rng.map(),
-            worker_exits: rng.map(),
+            recycles: rng.map(RecycleTrigger::ALL),
+            worker_exits: rng.map(ExitKind::ALL),
         },
     }
 }
@@ -887,7 +892,14 @@ fn status_with(
     map_keys: usize,
     reason: Option<&str>,
 ) -> ServerMessage {
-    let map: BTreeMap<String, u64> = (0..map_keys).map(|key| (format!("{key:x}"), 0)).collect();
+    // Keys are enums: a map holds each at most once, however many entries
+    // a sender writes.
+    let map: BTreeMap<ErrorKind, u64> = ErrorKind::ALL
+        .iter()
+        .cycle()
+        .take(map_keys)
+        .map(|&kind| (kind, 0))
+        .collect();
     ServerMessage::Status {
         id: 0,
         status: Box::new(PoolStatus {
@@ -896,7 +908,7 @@ fn status_with(
                 ExitRecord {
                     worker_id: 0,
                     pid: 0,
-                    kind: String::new(),
+                    kind: ExitKind::Exited,
                     description: String::new(),
                     requests_served: 0,
                     age_secs: 0.0,
@@ -1032,7 +1044,7 @@ fn worst_cases() -> Vec<Case> {
             payload_of(&status_with(0, count, 0, None)),
         );
         valid(
-            format!("server, a map of {count} short keys"),
+            format!("server, a map built from {count} keys"),
             Kind::Server,
             payload_of(&status_with(0, 0, count, None)),
         );

@@ -11,16 +11,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use inferd_proto::RequestError;
+use inferd_proto::{RefusalReason, RequestError};
 
 use crate::request::Tenant;
-
-/// Refusal reasons, as counted in `connections_refused`.
-pub const REFUSED_TOTAL: &str = "max_connections";
-/// A uid over its own cap.
-pub const REFUSED_PER_UID: &str = "max_connections_per_uid";
-/// The access policy refused the peer.
-pub const REFUSED_PERMISSION: &str = "permission_denied";
 
 /// The caps and the live counts.
 #[derive(Debug)]
@@ -41,7 +34,7 @@ struct State {
     /// The same, per tenant (entries at 0 are removed).
     by_tenant: HashMap<Tenant, u32>,
     /// Refused connections by reason.
-    refused: BTreeMap<String, u64>,
+    refused: BTreeMap<RefusalReason, u64>,
 }
 
 /// A connection's place under the caps; dropping it frees the place.
@@ -70,7 +63,7 @@ impl ConnectionLimits {
         let of_tenant = state.by_tenant.get(&tenant).copied().unwrap_or(0);
         let refusal = if state.open >= self.max {
             Some((
-                REFUSED_TOTAL,
+                RefusalReason::MaxConnections,
                 format!(
                     "{} client connections are open (max_connections); retry later",
                     self.max
@@ -78,7 +71,7 @@ impl ConnectionLimits {
             ))
         } else if of_tenant >= self.per_tenant {
             Some((
-                REFUSED_PER_UID,
+                RefusalReason::MaxConnectionsPerUid,
                 format!(
                     "{tenant} has {} connections open (max_connections_per_uid); close some or retry later",
                     self.per_tenant
@@ -88,7 +81,7 @@ impl ConnectionLimits {
             None
         };
         if let Some((kind, reason)) = refusal {
-            *state.refused.entry(kind.to_owned()).or_default() += 1;
+            *state.refused.entry(kind).or_default() += 1;
             return Err(RequestError::TooManyConnections { reason });
         }
         state.open += 1;
@@ -100,8 +93,8 @@ impl ConnectionLimits {
     }
 
     /// Counts a connection refused for another reason (`kind`).
-    pub fn count_refusal(&self, kind: &str) {
-        *self.lock().refused.entry(kind.to_owned()).or_default() += 1;
+    pub fn count_refusal(&self, kind: RefusalReason) {
+        *self.lock().refused.entry(kind).or_default() += 1;
     }
 
     /// Connections open now.
@@ -115,7 +108,7 @@ impl ConnectionLimits {
     }
 
     /// Refused connections so far, by reason.
-    pub fn refused(&self) -> BTreeMap<String, u64> {
+    pub fn refused(&self) -> BTreeMap<RefusalReason, u64> {
         self.lock().refused.clone()
     }
 
@@ -163,11 +156,11 @@ mod tests {
         drop(a1);
         assert_eq!(limits.open(), 2);
         let a3 = limits.try_admit(Tenant::Uid(1)).expect("a place was freed");
-        limits.count_refusal(REFUSED_PERMISSION);
+        limits.count_refusal(RefusalReason::PermissionDenied);
         let refused = limits.refused();
-        assert_eq!(refused.get(REFUSED_PER_UID), Some(&1));
-        assert_eq!(refused.get(REFUSED_TOTAL), Some(&1));
-        assert_eq!(refused.get(REFUSED_PERMISSION), Some(&1));
+        assert_eq!(refused.get(&RefusalReason::MaxConnectionsPerUid), Some(&1));
+        assert_eq!(refused.get(&RefusalReason::MaxConnections), Some(&1));
+        assert_eq!(refused.get(&RefusalReason::PermissionDenied), Some(&1));
         drop((a2, a3, b1));
         assert_eq!(limits.open(), 0);
         assert!(limits.lock().by_tenant.is_empty());

@@ -43,7 +43,7 @@
 //! |---|---|---|
 //! | `inferd_requests_accepted_total` | | embed requests accepted into the queue |
 //! | `inferd_requests_ok_total` | | requests answered with embeddings |
-//! | `inferd_requests_failed_total` | `kind` | requests answered with an error, per error kind: `bad_request`, `overloaded`, `timeout`, `worker_lost`, `shutting_down`, `unavailable`, `permission_denied`, `internal`, each always present; any other kind the pool counts appears too |
+//! | `inferd_requests_failed_total` | `kind` | requests answered with an error, per error kind: `bad_request`, `overloaded`, `timeout`, `worker_lost`, `shutting_down`, `unavailable`, `too_many_connections`, `permission_denied`, `roll_failed`, `internal`, each always present (connection refusals and failed rolls are counted elsewhere, so those two stay 0) |
 //! | `inferd_requests_rejected_total` | | embed requests answered with an error at once, never queued (also in `inferd_requests_failed_total` under their kind); `accepted + rejected = ok + failed + abandoned` once nothing is queued or running |
 //! | `inferd_requests_abandoned_total` | | queued requests dropped unrun because their client disconnected |
 //! | `inferd_connections_refused_total` | `reason` | client connections refused, per reason: `max_connections`, `max_connections_per_uid`, `permission_denied`, each always present |
@@ -51,45 +51,15 @@
 //! | `inferd_poison_rejections_total` | | requests quarantined as poison inputs (answered `worker_lost`) |
 //! | `inferd_workers_spawned_total` | | worker processes spawned |
 //! | `inferd_recycles_total` | `trigger` | graceful recycles started, per trigger: `soft_limit`, `max_requests`, `max_lifetime`, `roll` (SIGHUP), each always present; any other trigger appears too |
-//! | `inferd_worker_exits_total` | `end` | worker exits per classified end: `retired`, `killed_by_supervisor`, `oom_killed`, `likely_oom_killed` (no per-worker cgroup, the host's OOM counter rose), `signaled`, `exited`, each always present; any other end appears too |
+//! | `inferd_worker_exits_total` | `end` | worker exits per classified end: `retired`, `killed_by_supervisor`, `oom_killed`, `likely_oom_killed` (no per-worker cgroup, the host's OOM counter rose), `signaled`, `exited`, `unknown` (it could not be waited for), each always present |
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Display, Write as _};
 
-use inferd_proto::{PoolStatus, RollState, WorkerStatus};
-
-/// Worker lifecycle states, always exported (0 when no worker is in one).
-const WORKER_STATES: [&str; 6] = [
-    "starting", "ready", "busy", "draining", "stopping", "exiting",
-];
-/// Request failure kinds (`RequestError::kind`), always exported.
-const FAILURE_KINDS: [&str; 8] = [
-    "bad_request",
-    "overloaded",
-    "timeout",
-    "worker_lost",
-    "shutting_down",
-    "unavailable",
-    "permission_denied",
-    "internal",
-];
-/// Connection refusal reasons, always exported.
-const REFUSAL_REASONS: [&str; 3] = [
-    crate::connections::REFUSED_TOTAL,
-    crate::connections::REFUSED_PER_UID,
-    crate::connections::REFUSED_PERMISSION,
-];
-/// Recycle triggers, always exported.
-const RECYCLE_TRIGGERS: [&str; 4] = ["soft_limit", "max_requests", "max_lifetime", "roll"];
-/// Classified worker ends (`WorkerEnd::kind`), always exported.
-const EXIT_ENDS: [&str; 6] = [
-    "retired",
-    "killed_by_supervisor",
-    "oom_killed",
-    "likely_oom_killed",
-    "signaled",
-    "exited",
-];
+use inferd_proto::{
+    ErrorKind, ExitKind, PoolStatus, RecycleTrigger, RefusalReason, RollState, WorkerStateKind,
+    WorkerStatus,
+};
 
 /// Renders `status` as Prometheus text exposition: every counter and gauge
 /// with # HELP and # TYPE lines.
@@ -134,8 +104,8 @@ impl Display for Exposition<'_> {
             Gauge,
             "Live worker processes by lifecycle state.",
             "state",
-            &WORKER_STATES,
-            status.workers.iter().map(|w| (w.state.as_str(), 1)),
+            WorkerStateKind::ALL,
+            status.workers.iter().map(|w| (w.state, 1)),
         )?;
         scalar(
             f,
@@ -277,7 +247,7 @@ impl Display for Exposition<'_> {
             Counter,
             "Requests answered with an error, by error kind.",
             "kind",
-            &FAILURE_KINDS,
+            ErrorKind::ALL,
             counted(&counters.requests_failed),
         )?;
         scalar(
@@ -300,7 +270,7 @@ impl Display for Exposition<'_> {
             Counter,
             "Client connections refused, by reason.",
             "reason",
-            &REFUSAL_REASONS,
+            RefusalReason::ALL,
             counted(&counters.connections_refused),
         )?;
         scalar(
@@ -330,7 +300,7 @@ impl Display for Exposition<'_> {
             Counter,
             "Graceful worker recycles started, by trigger.",
             "trigger",
-            &RECYCLE_TRIGGERS,
+            RecycleTrigger::ALL,
             counted(&counters.recycles),
         )?;
         labelled(
@@ -339,7 +309,7 @@ impl Display for Exposition<'_> {
             Counter,
             "Worker process exits, by classified end.",
             "end",
-            &EXIT_ENDS,
+            ExitKind::ALL,
             counted(&counters.worker_exits),
         )
     }
@@ -469,29 +439,29 @@ fn scalar(
 
 /// A family with one label: a sample for each of `known` (0 unless counted)
 /// and for every other value in `counts`, summed per value, in label order.
-fn labelled<'a>(
+fn labelled<K: Copy + Ord + Display>(
     f: &mut fmt::Formatter<'_>,
     name: &str,
     kind: Type,
     help: &str,
     label: &str,
-    known: &[&'a str],
-    counts: impl IntoIterator<Item = (&'a str, u64)>,
+    every: &[K],
+    counts: impl IntoIterator<Item = (K, u64)>,
 ) -> fmt::Result {
-    let mut values: BTreeMap<&str, u64> = known.iter().map(|&k| (k, 0)).collect();
+    let mut values: BTreeMap<K, u64> = every.iter().map(|&k| (k, 0)).collect();
     for (value, n) in counts {
         *values.entry(value).or_default() += n;
     }
     header(f, name, kind, help)?;
     for (value, n) in values {
-        sample(f, name, &[(label, value)], n.into())?;
+        sample(f, name, &[(label, &value.to_string())], n.into())?;
     }
     Ok(())
 }
 
 /// The entries of a counter map, for [`labelled`].
-fn counted(map: &BTreeMap<String, u64>) -> impl Iterator<Item = (&str, u64)> {
-    map.iter().map(|(k, &n)| (k.as_str(), n))
+fn counted<K: Copy>(map: &BTreeMap<K, u64>) -> impl Iterator<Item = (K, u64)> + '_ {
+    map.iter().map(|(&k, &n)| (k, n))
 }
 
 /// A gauge family with a sample per worker that has a `value`, labelled with
@@ -522,21 +492,19 @@ fn per_worker(
 mod tests {
     use std::collections::HashSet;
 
-    use inferd_proto::{Counters, RequestError};
-    use nix::sys::signal::Signal;
+    use inferd_proto::Counters;
     use openmetrics_parser::prometheus::parse_prometheus;
     use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
 
     use super::*;
-    use crate::process::{KillReason, RetireReason, WorkerEnd};
 
     type Parsed = MetricsExposition<PrometheusType, PrometheusValue>;
 
     /// A failure kind that needs every escape.
     const ODD_KIND: &str = "odd \"kind\" \\ with\nnewline";
 
-    fn map(entries: &[(&str, u64)]) -> BTreeMap<String, u64> {
-        entries.iter().map(|&(k, n)| (k.to_owned(), n)).collect()
+    fn map<K: Ord + Copy>(entries: &[(K, u64)]) -> BTreeMap<K, u64> {
+        entries.iter().copied().collect()
     }
 
     fn representative() -> PoolStatus {
@@ -549,7 +517,7 @@ mod tests {
                 WorkerStatus {
                     id: 1,
                     pid: 101,
-                    state: "ready".into(),
+                    state: WorkerStateKind::Ready,
                     rss_bytes: Some(300 << 20),
                     pss_bytes: Some(250 << 20),
                     uss_bytes: Some(200 << 20),
@@ -561,7 +529,7 @@ mod tests {
                 WorkerStatus {
                     id: 2,
                     pid: 102,
-                    state: "busy".into(),
+                    state: WorkerStateKind::Busy,
                     rss_bytes: Some(310 << 20),
                     pss_bytes: None,
                     uss_bytes: None,
@@ -588,22 +556,24 @@ mod tests {
                 requests_accepted: 100,
                 requests_ok: 90,
                 requests_failed: map(&[
-                    ("timeout", 3),
-                    ("overloaded", 2),
-                    ("internal", 1),
-                    (ODD_KIND, 4),
+                    (ErrorKind::Timeout, 3),
+                    (ErrorKind::Overloaded, 2),
+                    (ErrorKind::Internal, 1),
                 ]),
                 requests_abandoned: 5,
                 requests_rejected: 8,
-                connections_refused: map(&[("max_connections_per_uid", 6)]),
+                connections_refused: map(&[(RefusalReason::MaxConnectionsPerUid, 6)]),
                 retries: 2,
                 poison_rejections: 1,
                 workers_spawned: 7,
-                recycles: map(&[("soft_limit", 1), ("max_requests", 2)]),
+                recycles: map(&[
+                    (RecycleTrigger::SoftLimit, 1),
+                    (RecycleTrigger::MaxRequests, 2),
+                ]),
                 worker_exits: map(&[
-                    ("retired", 3),
-                    ("oom_killed", 1),
-                    ("killed_by_supervisor", 1),
+                    (ExitKind::Retired, 3),
+                    (ExitKind::OomKilled, 1),
+                    (ExitKind::KilledBySupervisor, 1),
                 ]),
             },
         }
@@ -729,7 +699,10 @@ mod tests {
         assert_eq!(v("inferd_workers", &[("state", "ready")]), 1.0);
         assert_eq!(v("inferd_workers", &[("state", "busy")]), 1.0);
         assert_eq!(v("inferd_workers", &[("state", "starting")]), 0.0);
-        assert_eq!(sample_count(&parsed, "inferd_workers"), WORKER_STATES.len());
+        assert_eq!(
+            sample_count(&parsed, "inferd_workers"),
+            WorkerStateKind::ALL.len()
+        );
         assert_eq!(v("inferd_queue_depth", &[]), 3.0);
         assert_eq!(v("inferd_queue_capacity", &[]), 64.0);
         assert_eq!(v("inferd_unavailable", &[]), 1.0);
@@ -766,14 +739,13 @@ mod tests {
         let refused = "inferd_connections_refused_total";
         assert_eq!(v(refused, &[("reason", "max_connections_per_uid")]), 6.0);
         assert_eq!(v(refused, &[("reason", "max_connections")]), 0.0);
-        assert_eq!(sample_count(&parsed, refused), REFUSAL_REASONS.len());
+        assert_eq!(sample_count(&parsed, refused), RefusalReason::ALL.len());
         assert_eq!(v("inferd_queued_bytes", &[]), 4096.0);
         assert_eq!(v("inferd_queued_bytes_budget", &[]), f64::from(1 << 26));
         assert_eq!(v("inferd_connections", &[]), 12.0);
         assert_eq!(v("inferd_connections_max", &[]), 4096.0);
         assert_eq!(v(failed, &[("kind", "bad_request")]), 0.0);
-        assert_eq!(v(failed, &[("kind", ODD_KIND)]), 4.0, "escaped label value");
-        assert_eq!(sample_count(&parsed, failed), FAILURE_KINDS.len() + 1);
+        assert_eq!(sample_count(&parsed, failed), ErrorKind::ALL.len());
         assert_eq!(v("inferd_request_retries_total", &[]), 2.0);
         assert_eq!(v("inferd_poison_rejections_total", &[]), 1.0);
         assert_eq!(v("inferd_workers_spawned_total", &[]), 7.0);
@@ -807,20 +779,21 @@ mod tests {
         let parsed = parse_checked(&render(&PoolStatus::default()));
         assert_eq!(value(&parsed, "inferd_up", &[]), 1.0);
         assert_eq!(value(&parsed, "inferd_unavailable", &[]), 0.0);
-        for state in WORKER_STATES {
-            assert_eq!(value(&parsed, "inferd_workers", &[("state", state)]), 0.0);
+        for state in WorkerStateKind::ALL {
+            let labels = [("state", state.as_str())];
+            assert_eq!(value(&parsed, "inferd_workers", &labels), 0.0);
         }
-        for kind in FAILURE_KINDS {
-            let labels = [("kind", kind)];
+        for kind in ErrorKind::ALL {
+            let labels = [("kind", kind.as_str())];
             assert_eq!(value(&parsed, "inferd_requests_failed_total", &labels), 0.0);
         }
         assert_eq!(
             sample_count(&parsed, "inferd_recycles_total"),
-            RECYCLE_TRIGGERS.len()
+            RecycleTrigger::ALL.len()
         );
         assert_eq!(
             sample_count(&parsed, "inferd_worker_exits_total"),
-            EXIT_ENDS.len()
+            ExitKind::ALL.len()
         );
         assert_eq!(
             sample_count(&parsed, "inferd_worker_resident_memory_bytes"),
@@ -847,84 +820,5 @@ mod tests {
         assert_eq!(Number::from(f64::NEG_INFINITY).to_string(), "-Inf");
         assert_eq!(Number::from(1e-7).to_string(), "0.0000001");
         assert_eq!(Number::from(u64::MAX).to_string(), "18446744073709551615");
-    }
-
-    #[test]
-    fn known_label_values_cover_what_the_daemon_counts() {
-        // Every variant, matched exhaustively: a new one fails to compile here
-        // until it is added to the list and to FAILURE_KINDS.
-        let errors = [
-            RequestError::BadRequest { reason: "".into() },
-            RequestError::Overloaded { capacity: 1 },
-            RequestError::Timeout { elapsed_ms: 1 },
-            RequestError::WorkerLost { deaths: 2 },
-            RequestError::ShuttingDown,
-            RequestError::Unavailable { reason: "".into() },
-            RequestError::PermissionDenied { reason: "".into() },
-            RequestError::Internal { message: "".into() },
-            RequestError::TooManyConnections { reason: "".into() },
-            RequestError::RollFailed { reason: "".into() },
-        ];
-        for error in errors {
-            match &error {
-                RequestError::BadRequest { .. }
-                | RequestError::Overloaded { .. }
-                | RequestError::Timeout { .. }
-                | RequestError::WorkerLost { .. }
-                | RequestError::ShuttingDown
-                | RequestError::Unavailable { .. }
-                | RequestError::PermissionDenied { .. }
-                | RequestError::Internal { .. } => {}
-                // A connection refusal, counted in connections_refused.
-                RequestError::TooManyConnections { .. } => continue,
-                // The answer to a roll, not to a request: the roll's own
-                // gauge shows it.
-                RequestError::RollFailed { .. } => continue,
-            }
-            assert!(FAILURE_KINDS.contains(&error.kind()), "{}", error.kind());
-        }
-        // Recycles are counted under the retire reason; shutdown is none.
-        let reasons = [
-            RetireReason::Shutdown,
-            RetireReason::SoftLimit,
-            RetireReason::MaxRequests,
-            RetireReason::MaxLifetime,
-            RetireReason::Roll,
-        ];
-        for reason in reasons {
-            match reason {
-                RetireReason::Shutdown => continue,
-                RetireReason::SoftLimit
-                | RetireReason::MaxRequests
-                | RetireReason::MaxLifetime
-                | RetireReason::Roll => {}
-            }
-            let trigger = reason.to_string();
-            assert!(RECYCLE_TRIGGERS.contains(&trigger.as_str()), "{trigger}");
-        }
-        let ends = [
-            WorkerEnd::Retired {
-                reason: RetireReason::SoftLimit,
-            },
-            WorkerEnd::KilledBySupervisor {
-                reason: KillReason::HardLimit,
-            },
-            WorkerEnd::OomKilled { likely: false },
-            WorkerEnd::OomKilled { likely: true },
-            WorkerEnd::Signaled {
-                signal: Signal::SIGSEGV,
-            },
-            WorkerEnd::Exited { code: 1 },
-        ];
-        for end in ends {
-            match end {
-                WorkerEnd::Retired { .. }
-                | WorkerEnd::KilledBySupervisor { .. }
-                | WorkerEnd::OomKilled { .. }
-                | WorkerEnd::Signaled { .. }
-                | WorkerEnd::Exited { .. } => {}
-            }
-            assert!(EXIT_ENDS.contains(&end.kind()), "{}", end.kind());
-        }
     }
 }

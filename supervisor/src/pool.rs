@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inferd_proto::{
-    Counters, ExitRecord, PoolStatus, RequestError, RequestLimits, RollReport, RollState,
-    WorkerConfig, WorkerEvent, WorkerStatus,
+    Counters, ErrorKind, ExitKind, ExitRecord, PoolStatus, RequestError, RequestLimits, RollReport,
+    RollState, WorkerConfig, WorkerEvent, WorkerStatus,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -688,7 +688,7 @@ impl Pool {
                     warn!(
                         worker_id,
                         pid,
-                        state = worker.state_name(),
+                        state = %worker.state_kind(),
                         "unexpected Ready; killing"
                     );
                     self.kill(worker_id, KillReason::ProtocolViolation, now);
@@ -845,20 +845,16 @@ impl Pool {
     }
 
     fn on_exit(&mut self, worker: &mut Worker, end: Option<WorkerEnd>, now: Instant) {
-        let kind = end.map_or("unknown", |end| end.kind());
-        *self
-            .counters
-            .worker_exits
-            .entry(kind.to_owned())
-            .or_default() += 1;
+        let kind = end.map_or(ExitKind::Unknown, |end| end.kind());
+        *self.counters.worker_exits.entry(kind).or_default() += 1;
         let description = end.map_or_else(|| "unknown".to_owned(), |end| end.to_string());
         let age_s = now.duration_since(worker.spawned).as_secs_f64();
         let (worker_id, pid, served) = (worker.id, worker.pid.as_raw(), worker.requests_served);
         let rss_mib = worker.memory.map(|m| m.rss_bytes >> 20);
         if matches!(end, Some(WorkerEnd::Retired { .. })) {
-            info!(worker_id, pid, end = %description, kind, served, age_s, "worker exited");
+            info!(worker_id, pid, end = %description, %kind, served, age_s, "worker exited");
         } else {
-            warn!(worker_id, pid, end = %description, kind, served, age_s, last_rss_mib = ?rss_mib, "worker exited");
+            warn!(worker_id, pid, end = %description, %kind, served, age_s, last_rss_mib = ?rss_mib, "worker exited");
         }
         if self.recent_exits.len() == RECENT_EXITS {
             self.recent_exits.pop_front();
@@ -866,7 +862,7 @@ impl Pool {
         self.recent_exits.push_back(ExitRecord {
             worker_id,
             pid: pid as u32,
-            kind: kind.to_owned(),
+            kind,
             description: description.clone(),
             requests_served: served,
             age_secs: age_s,
@@ -1098,11 +1094,9 @@ impl Pool {
             return;
         }
         if let Some(new_id) = self.spawn(Some((old_id, reason)), now) {
-            *self
-                .counters
-                .recycles
-                .entry(reason.to_string())
-                .or_default() += 1;
+            if let Some(trigger) = reason.trigger() {
+                *self.counters.recycles.entry(trigger).or_default() += 1;
+            }
             let old = self.workers.get(&old_id);
             info!(
                 worker_id = old_id,
@@ -1181,9 +1175,12 @@ impl Pool {
     fn status_line(&self) -> String {
         let ready = self.workers.values().filter(|w| w.is_serving()).count();
         let recycles: u64 = self.counters.recycles.values().sum();
-        let oom: u64 = ["oom_killed", "likely_oom_killed"]
+        let oom: u64 = self
+            .counters
+            .worker_exits
             .iter()
-            .filter_map(|k| self.counters.worker_exits.get(*k))
+            .filter(|(kind, _)| kind.is_oom())
+            .map(|(_, n)| n)
             .sum();
         let mut line = format!(
             "{ready}/{} workers ready, {recycles} recycles, {oom} OOM kills, queue {}",
@@ -1271,7 +1268,7 @@ impl Pool {
                 if job.request.as_ref().is_some_and(|r| now >= r.deadline) {
                     if let Some(request) = job.request.take() {
                         let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
-                        count_failure(&mut self.counters, "timeout");
+                        count_failure(&mut self.counters, ErrorKind::Timeout);
                         request.responder.fail(RequestError::Timeout { elapsed_ms });
                     }
                 }
@@ -1414,7 +1411,7 @@ impl Pool {
                     WorkerStatus {
                         id: w.id,
                         pid: w.pid.as_raw() as u32,
-                        state: w.state_name().to_owned(),
+                        state: w.state_kind(),
                         rss_bytes: memory.map(|m| m.rss_bytes),
                         pss_bytes: memory.and_then(|m| m.pss_bytes),
                         uss_bytes: memory.and_then(|m| m.uss_bytes),
@@ -1488,8 +1485,8 @@ fn worker_config(config: &Config, worker_id: u64) -> WorkerConfig {
     }
 }
 
-fn count_failure(counters: &mut Counters, kind: &str) {
-    *counters.requests_failed.entry(kind.to_owned()).or_default() += 1;
+fn count_failure(counters: &mut Counters, kind: ErrorKind) {
+    *counters.requests_failed.entry(kind).or_default() += 1;
 }
 
 #[cfg(test)]

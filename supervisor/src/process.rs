@@ -15,6 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use inferd_proto::{ExitKind, RecycleTrigger};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -178,6 +179,19 @@ pub enum RetireReason {
     Roll,
 }
 
+impl RetireReason {
+    /// The recycle trigger it counts under; a shutdown is no recycle.
+    pub fn trigger(self) -> Option<RecycleTrigger> {
+        match self {
+            Self::Shutdown => None,
+            Self::SoftLimit => Some(RecycleTrigger::SoftLimit),
+            Self::MaxRequests => Some(RecycleTrigger::MaxRequests),
+            Self::MaxLifetime => Some(RecycleTrigger::MaxLifetime),
+            Self::Roll => Some(RecycleTrigger::Roll),
+        }
+    }
+}
+
 /// Why the supervisor SIGKILLed a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KillReason {
@@ -299,15 +313,15 @@ impl WorkerEnd {
         }
     }
 
-    /// Stable name for counters and metrics.
-    pub fn kind(&self) -> &'static str {
+    /// Its kind, for counters and metrics.
+    pub fn kind(&self) -> ExitKind {
         match self {
-            Self::Retired { .. } => "retired",
-            Self::KilledBySupervisor { .. } => "killed_by_supervisor",
-            Self::OomKilled { likely: false } => "oom_killed",
-            Self::OomKilled { likely: true } => "likely_oom_killed",
-            Self::Signaled { .. } => "signaled",
-            Self::Exited { .. } => "exited",
+            Self::Retired { .. } => ExitKind::Retired,
+            Self::KilledBySupervisor { .. } => ExitKind::KilledBySupervisor,
+            Self::OomKilled { likely: false } => ExitKind::OomKilled,
+            Self::OomKilled { likely: true } => ExitKind::LikelyOomKilled,
+            Self::Signaled { .. } => ExitKind::Signaled,
+            Self::Exited { .. } => ExitKind::Exited,
         }
     }
 
@@ -436,33 +450,43 @@ mod tests {
         let retire = Intent::Retire(RetireReason::Shutdown);
         let sigkill = ExitReport::Signaled(Signal::SIGKILL);
         let cases = [
-            (sigkill, kill, O::None, "killed_by_supervisor"),
+            (sigkill, kill, O::None, ExitKind::KilledBySupervisor),
             // A SIGKILL we did not send is never ours.
-            (sigkill, Intent::None, O::None, "signaled"),
-            (sigkill, retire, O::None, "signaled"),
+            (sigkill, Intent::None, O::None, ExitKind::Signaled),
+            (sigkill, retire, O::None, ExitKind::Signaled),
             // The cgroup counter is the kernel's own word.
-            (sigkill, Intent::None, O::CgroupCounter, "oom_killed"),
-            (sigkill, kill, O::CgroupCounter, "oom_killed"),
+            (sigkill, Intent::None, O::CgroupCounter, ExitKind::OomKilled),
+            (sigkill, kill, O::CgroupCounter, ExitKind::OomKilled),
             // The host counter only explains a SIGKILL nobody here sent.
-            (sigkill, Intent::None, O::HostCounter, "likely_oom_killed"),
-            (sigkill, kill, O::HostCounter, "killed_by_supervisor"),
+            (
+                sigkill,
+                Intent::None,
+                O::HostCounter,
+                ExitKind::LikelyOomKilled,
+            ),
+            (sigkill, kill, O::HostCounter, ExitKind::KilledBySupervisor),
             (
                 ExitReport::Signaled(Signal::SIGABRT),
                 Intent::None,
                 O::CgroupCounter,
-                "signaled",
+                ExitKind::Signaled,
             ),
             // We sent SIGKILL but it died of something else first.
             (
                 ExitReport::Signaled(Signal::SIGABRT),
                 kill,
                 O::None,
-                "signaled",
+                ExitKind::Signaled,
             ),
-            (ExitReport::Exited(0), retire, O::None, "retired"),
-            (ExitReport::Exited(1), retire, O::None, "exited"),
-            (ExitReport::Exited(0), Intent::None, O::None, "exited"),
-            (ExitReport::Exited(0), kill, O::None, "exited"),
+            (ExitReport::Exited(0), retire, O::None, ExitKind::Retired),
+            (ExitReport::Exited(1), retire, O::None, ExitKind::Exited),
+            (
+                ExitReport::Exited(0),
+                Intent::None,
+                O::None,
+                ExitKind::Exited,
+            ),
+            (ExitReport::Exited(0), kill, O::None, ExitKind::Exited),
         ];
         for (report, intent, oom, kind) in cases {
             assert_eq!(

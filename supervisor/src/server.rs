@@ -30,7 +30,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::access::Peer;
 use crate::config::LiveConfig;
-use crate::connections::{ConnectionLimits, ConnectionPermit, REFUSED_PERMISSION};
+use crate::connections::{ConnectionLimits, ConnectionPermit};
 use crate::http::{self, HttpShared, Protocol};
 use crate::pool::PoolMsg;
 use crate::request::{ClientKey, Responder, Task, Tenant};
@@ -137,7 +137,8 @@ fn admit(cx: &ServeContext, peer: Peer) -> Result<ConnectionPermit, RequestError
         })?;
     if let Err(reason) = cx.config.borrow().access.admit(peer) {
         warn!(%reason, "refusing client");
-        cx.limits.count_refusal(REFUSED_PERMISSION);
+        cx.limits
+            .count_refusal(inferd_proto::RefusalReason::PermissionDenied);
         return Err(RequestError::PermissionDenied { reason });
     }
     Ok(permit)

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use inferd_proto::{
     Connection, ProtoError, RequestLimits, WorkerCommand, WorkerConfig, WorkerEvent,
+    WorkerStateKind,
 };
 use nix::unistd::Pid;
 use tokio::net::UnixStream;
@@ -104,7 +105,7 @@ pub struct UnexpectedAnswer {
     /// The request id in the answer.
     pub got: u64,
     /// The state it was in.
-    pub state: &'static str,
+    pub state: WorkerStateKind,
 }
 
 /// A worker process and the channel to its IO task.
@@ -191,14 +192,14 @@ impl Worker {
     }
 
     /// State name for status output.
-    pub fn state_name(&self) -> &'static str {
+    pub fn state_kind(&self) -> WorkerStateKind {
         match self.state {
-            WorkerState::Starting { .. } => "starting",
-            WorkerState::Ready { .. } => "ready",
-            WorkerState::Busy(_) => "busy",
-            WorkerState::Draining { .. } => "draining",
-            WorkerState::Stopping { .. } => "stopping",
-            WorkerState::Killed { .. } | WorkerState::Lost { .. } => "exiting",
+            WorkerState::Starting { .. } => WorkerStateKind::Starting,
+            WorkerState::Ready { .. } => WorkerStateKind::Ready,
+            WorkerState::Busy(_) => WorkerStateKind::Busy,
+            WorkerState::Draining { .. } => WorkerStateKind::Draining,
+            WorkerState::Stopping { .. } => WorkerStateKind::Stopping,
+            WorkerState::Killed { .. } | WorkerState::Lost { .. } => WorkerStateKind::Exiting,
         }
     }
 
@@ -287,7 +288,7 @@ impl Worker {
             _ => {
                 return Err(UnexpectedAnswer {
                     got: request_id,
-                    state: self.state_name(),
+                    state: self.state_kind(),
                 })
             }
         };

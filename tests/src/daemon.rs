@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use inferd_client::{format_status, Client, ClientError};
-use inferd_proto::PoolStatus;
+use inferd_proto::{PoolStatus, WorkerStateKind};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -329,7 +329,11 @@ struct Chaos<'a> {
 
 /// Number of workers in state "ready".
 pub fn ready_count(status: &PoolStatus) -> usize {
-    status.workers.iter().filter(|w| w.state == "ready").count()
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerStateKind::Ready)
+        .count()
 }
 
 /// Number of workers that serve: in state "ready" or "busy".
@@ -337,7 +341,7 @@ pub fn serving_count(status: &PoolStatus) -> usize {
     status
         .workers
         .iter()
-        .filter(|w| w.state == "ready" || w.state == "busy")
+        .filter(|w| w.state.is_serving())
         .count()
 }
 

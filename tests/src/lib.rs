@@ -51,6 +51,7 @@ pub fn skipped_without_cgroups(test: &str, reason: &str) {
 
 pub use inferd_client::{Client, ClientError};
 pub use inferd_proto::{
-    EmbedResult, PoolStatus, RequestError, RollReport, RollState, WorkerStatus,
+    EmbedResult, ErrorKind, ExitKind, PoolStatus, RecycleTrigger, RefusalReason, RequestError,
+    RollReport, RollState, WorkerStateKind, WorkerStatus,
 };
 pub use nix::sys::signal::Signal;

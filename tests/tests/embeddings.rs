@@ -174,16 +174,12 @@ async fn inferctl_embed_and_status() {
     cmd.args(["status", "--json"]);
     let out = run(cmd, None);
     assert_eq!(out.status.code(), Some(0));
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-    assert_eq!(status["pid"], daemon.pid());
-    assert_eq!(status["target_workers"], 2);
-    let ready = status["workers"]
-        .as_array()
-        .expect("workers array")
-        .iter()
-        .filter(|w| w["state"] == "ready")
-        .count();
-    assert_eq!(ready, 2, "{status}");
+    // The JSON is the status itself: it reads back into the typed struct.
+    let status: inferd_tests::PoolStatus =
+        serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status.pid, daemon.pid());
+    assert_eq!(status.target_workers, 2);
+    assert_eq!(ready_count(&status), 2, "{status:?}");
 
     let mut cmd = daemon.inferctl();
     cmd.arg("status");

@@ -11,6 +11,7 @@ use inferd_tests::{
     pid_alive, ready_count, sample_texts, wait_pids_gone, worker_pids, BackgroundLoad, Client,
     ClientError, Daemon, DaemonConfig, Expected, PoolStatus, RequestError, Signal,
 };
+use inferd_tests::{ErrorKind, ExitKind, WorkerStateKind};
 
 const REQUESTS: usize = 200;
 const CLIENTS: usize = 6;
@@ -90,7 +91,7 @@ fn signaled(status: &PoolStatus) -> u64 {
     status
         .counters
         .worker_exits
-        .get("signaled")
+        .get(&ExitKind::Signaled)
         .copied()
         .unwrap_or(0)
 }
@@ -158,7 +159,7 @@ async fn kill_worker_and_check(busy: bool) {
         let victim = status
             .workers
             .iter()
-            .find(|w| w.state == "busy")
+            .find(|w| w.state == WorkerStateKind::Busy)
             .or_else(|| status.workers.first())
             .expect("a worker to kill")
             .pid;
@@ -257,7 +258,11 @@ async fn poison_input_is_quarantined_after_two_deaths() {
     assert_eq!(status.counters.poison_rejections, 1, "{status:?}");
     assert!(status.counters.retries >= 1, "{status:?}");
     assert_eq!(
-        status.counters.requests_failed.get("worker_lost").copied(),
+        status
+            .counters
+            .requests_failed
+            .get(&ErrorKind::WorkerLost)
+            .copied(),
         Some(1),
         "{status:?}"
     );

@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use inferd_proto::{decode_payload, encode_frame, ClientMessage, Counters, Hello, ServerMessage};
+use inferd_tests::WorkerStateKind;
 use inferd_tests::{Client, Daemon, DaemonConfig, Expected, PoolStatus, RawConn, RequestError};
 
 /// Requests of the normal client per measurement.
@@ -381,7 +382,7 @@ async fn flood_round() -> Result<f64, String> {
     let (sent, elapsed, answers) = flooder.stop().await;
     let settled = daemon
         .wait_for(
-            |s| s.queue_depth == 0 && s.workers.iter().all(|w| w.state == "ready"),
+            |s| s.queue_depth == 0 && s.workers.iter().all(|w| w.state == WorkerStateKind::Ready),
             Duration::from_secs(60),
         )
         .await;
@@ -516,7 +517,7 @@ fn long_text() -> String {
         .repeat(12)
 }
 
-fn sum(map: &std::collections::BTreeMap<String, u64>) -> u64 {
+fn sum<K>(map: &std::collections::BTreeMap<K, u64>) -> u64 {
     map.values().sum()
 }
 
@@ -562,7 +563,7 @@ impl Deltas {
 async fn quiet(daemon: &Daemon) -> PoolStatus {
     daemon
         .wait_for(
-            |s| s.queue_depth == 0 && s.workers.iter().all(|w| w.state == "ready"),
+            |s| s.queue_depth == 0 && s.workers.iter().all(|w| w.state == WorkerStateKind::Ready),
             Duration::from_secs(120),
         )
         .await

@@ -25,6 +25,7 @@ use inferd_tests::{
     sample_texts, serving_count, wait_pids_gone, worker_pids, BackgroundLoad, Client, ClientError,
     Daemon, DaemonConfig, Expected, PoolStatus, RawConn, RequestError, Signal, POLL_INTERVAL,
 };
+use inferd_tests::{ErrorKind, RefusalReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -105,11 +106,11 @@ async fn poll_status(
     }
 }
 
-fn refused(status: &PoolStatus, reason: &str) -> u64 {
+fn refused(status: &PoolStatus, reason: RefusalReason) -> u64 {
     status
         .counters
         .connections_refused
-        .get(reason)
+        .get(&reason)
         .copied()
         .unwrap_or(0)
 }
@@ -344,12 +345,12 @@ async fn idle_connection_flood_is_capped_and_worker_spawns_still_work() {
     )
     .await;
     assert_eq!(
-        refused(&status, "max_connections"),
+        refused(&status, RefusalReason::MaxConnections),
         refusals.len() as u64,
         "refusals counted: {:?}",
         status.counters.connections_refused
     );
-    assert_eq!(refused(&status, "max_connections_per_uid"), 0);
+    assert_eq!(refused(&status, RefusalReason::MaxConnectionsPerUid), 0);
 
     // A fresh well-behaved client is refused, clearly.
     let mut fresh = Client::connect_as(daemon.socket_path(), "inferd-tests fresh")
@@ -615,10 +616,10 @@ async fn neighbour_uid_cannot_lock_others_out() {
         status.connections, status.max_connections, status.counters.connections_refused
     );
     assert_eq!(
-        refused(&status, "max_connections_per_uid"),
+        refused(&status, RefusalReason::MaxConnectionsPerUid),
         u64::from(NEIGHBOUR_CONNECTIONS - PER_UID_CAP)
     );
-    assert_eq!(refused(&status, "max_connections"), 0);
+    assert_eq!(refused(&status, RefusalReason::MaxConnections), 0);
     // The neighbour's 50, our client, and this status connection.
     assert_eq!(status.connections, PER_UID_CAP + 2);
 
@@ -1048,7 +1049,7 @@ async fn announced_frames_and_a_full_queue_stay_within_memory_bounds() {
         status
             .counters
             .requests_failed
-            .get("overloaded")
+            .get(&ErrorKind::Overloaded)
             .copied()
             .unwrap_or(0),
         overloaded,

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use inferd_tests::WorkerStateKind;
 use inferd_tests::{
     ready_count, reference, wait_pids_gone, worker_pids, Client, ClientError, Daemon, DaemonConfig,
     RequestError, Signal,
@@ -17,7 +18,11 @@ const CLIENTS: usize = 5;
 const HEAVY_TEXTS: usize = 24;
 
 fn busy_count(status: &inferd_tests::PoolStatus) -> usize {
-    status.workers.iter().filter(|w| w.state == "busy").count()
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerStateKind::Busy)
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,16 +13,22 @@ use inferd_tests::{
     ready_count, sample_texts, serving_count, BackgroundLoad, Client, ClientError, Daemon,
     DaemonConfig, Expected, PoolStatus, RequestError, POLL_INTERVAL,
 };
+use inferd_tests::{ErrorKind, ExitKind, RecycleTrigger, WorkerStateKind};
 
 const MIB: u64 = 1 << 20;
 const RECOVERY: Duration = Duration::from_secs(60);
 
-fn exits(status: &PoolStatus, kind: &str) -> u64 {
-    status.counters.worker_exits.get(kind).copied().unwrap_or(0)
+fn exits(status: &PoolStatus, kind: ExitKind) -> u64 {
+    status
+        .counters
+        .worker_exits
+        .get(&kind)
+        .copied()
+        .unwrap_or(0)
 }
 
-fn recycles(status: &PoolStatus, trigger: &str) -> u64 {
-    status.counters.recycles.get(trigger).copied().unwrap_or(0)
+fn recycles(status: &PoolStatus, trigger: RecycleTrigger) -> u64 {
+    status.counters.recycles.get(&trigger).copied().unwrap_or(0)
 }
 
 /// Samples status every poll interval until stopped; keeps every sample.
@@ -127,7 +133,7 @@ async fn run_monitored(daemon: &Daemon, total: usize) -> Vec<PoolStatus> {
 /// Sends requests one by one, each of which must succeed, until a worker
 /// exit of `kind` is counted (bounded); returns how many were answered and
 /// the status that showed the exit.
-async fn request_until_exit(daemon: &Daemon, kind: &str) -> (usize, PoolStatus) {
+async fn request_until_exit(daemon: &Daemon, kind: ExitKind) -> (usize, PoolStatus) {
     let mut client = daemon.client().await;
     let texts = sample_texts();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -180,16 +186,16 @@ async fn leaking_workers_are_recycled_without_a_failed_request() {
         max_rss / MIB
     );
     assert!(
-        recycles(&status, "soft_limit") >= 3,
+        recycles(&status, RecycleTrigger::SoftLimit) >= 3,
         "several soft-limit recycles: {status:?}"
     );
     assert_eq!(
-        exits(&status, "killed_by_supervisor"),
+        exits(&status, ExitKind::KilledBySupervisor),
         0,
         "no hard kills: {status:?}"
     );
     assert_eq!(
-        exits(&status, "oom_killed") + exits(&status, "likely_oom_killed"),
+        exits(&status, ExitKind::OomKilled) + exits(&status, ExitKind::LikelyOomKilled),
         0
     );
     assert!(
@@ -237,14 +243,18 @@ async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
         .clone()
         .expect("worker has a cgroup");
     assert!(std::path::Path::new(&old_cgroup).is_dir(), "{old_cgroup}");
-    let (answered, _) = request_until_exit(&daemon, "oom_killed").await;
+    let (answered, _) = request_until_exit(&daemon, ExitKind::OomKilled).await;
     let status = daemon
         .wait_for(
             |s| ready_count(s) == 1 && s.workers.iter().all(|w| w.pid != old_pid),
             RECOVERY,
         )
         .await;
-    assert_eq!(exits(&status, "killed_by_supervisor"), 0, "{status:?}");
+    assert_eq!(
+        exits(&status, ExitKind::KilledBySupervisor),
+        0,
+        "{status:?}"
+    );
     assert!(
         status.counters.retries >= 1,
         "the in-flight request was retried: {status:?}"
@@ -254,7 +264,7 @@ async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
         .iter()
         .find(|e| e.pid == old_pid)
         .expect("exit recorded");
-    assert_eq!(exit.kind, "oom_killed", "{exit:?}");
+    assert_eq!(exit.kind, ExitKind::OomKilled, "{exit:?}");
     assert!(
         daemon.log().contains("OOM-killed by the kernel"),
         "classified in the log"
@@ -272,10 +282,10 @@ async fn supervisor_hard_limit_kill_is_never_called_oom() {
             .chaos("leak_bytes_per_request", (4 * MIB) as i64),
     )
     .await;
-    let (_, status) = request_until_exit(&daemon, "killed_by_supervisor").await;
+    let (_, status) = request_until_exit(&daemon, ExitKind::KilledBySupervisor).await;
     assert_eq!(status.cgroups, "off (configured)");
     assert_eq!(
-        exits(&status, "oom_killed") + exits(&status, "likely_oom_killed"),
+        exits(&status, ExitKind::OomKilled) + exits(&status, ExitKind::LikelyOomKilled),
         0
     );
     let exit = status.recent_exits.last().expect("exit recorded");
@@ -319,7 +329,7 @@ async fn hung_worker_is_killed_at_request_timeout() {
     );
     let status = daemon
         .wait_for(
-            |s| ready_count(s) == 2 && exits(s, "killed_by_supervisor") == 1,
+            |s| ready_count(s) == 2 && exits(s, ExitKind::KilledBySupervisor) == 1,
             RECOVERY,
         )
         .await;
@@ -331,7 +341,10 @@ async fn hung_worker_is_killed_at_request_timeout() {
         "{:?}",
         status.recent_exits
     );
-    assert_eq!(status.counters.requests_failed.get("timeout"), Some(&1));
+    assert_eq!(
+        status.counters.requests_failed.get(&ErrorKind::Timeout),
+        Some(&1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -360,20 +373,24 @@ async fn max_requests_recycles_one_worker_at_a_time() {
     // are done.
     let status = daemon
         .wait_for(
-            |s| ready_count(s) == 4 && recycles(s, "max_requests") >= 4,
+            |s| ready_count(s) == 4 && recycles(s, RecycleTrigger::MaxRequests) >= 4,
             RECOVERY,
         )
         .await;
     let samples = monitor.stop().await;
     assert_eq!(
-        exits(&status, "retired"),
-        recycles(&status, "max_requests").min(exits(&status, "retired"))
+        exits(&status, ExitKind::Retired),
+        recycles(&status, RecycleTrigger::MaxRequests).min(exits(&status, ExitKind::Retired))
     );
     for sample in &samples {
         let recycling = sample
             .workers
             .iter()
-            .filter(|w| w.replaces.is_some() || w.state == "draining" || w.state == "stopping")
+            .filter(|w| {
+                w.replaces.is_some()
+                    || w.state == WorkerStateKind::Draining
+                    || w.state == WorkerStateKind::Stopping
+            })
             .count();
         // One replacement plus the worker it replaces can be seen at once,
         // but never parts of two recycles.
@@ -466,7 +483,10 @@ async fn client_deadlines_hold_for_running_and_queued_requests() {
         (result, started.elapsed())
     });
     daemon
-        .wait_for(|s| s.workers.iter().any(|w| w.state == "busy"), RECOVERY)
+        .wait_for(
+            |s| s.workers.iter().any(|w| w.state == WorkerStateKind::Busy),
+            RECOVERY,
+        )
         .await;
     let mut client = daemon.client().await;
     let started = Instant::now();
@@ -496,12 +516,12 @@ async fn client_deadlines_hold_for_running_and_queued_requests() {
     }
     let status = daemon.status().await;
     assert_eq!(
-        status.counters.requests_failed.get("timeout"),
+        status.counters.requests_failed.get(&ErrorKind::Timeout),
         Some(&2),
         "{status:?}"
     );
     assert_eq!(
-        exits(&status, "killed_by_supervisor"),
+        exits(&status, ExitKind::KilledBySupervisor),
         0,
         "the worker is not killed for a client deadline"
     );

@@ -13,11 +13,17 @@ use inferd_tests::{
     Client, ClientError, Daemon, DaemonConfig, Expected, PoolStatus, RequestError, RollState,
     Signal, POLL_INTERVAL,
 };
+use inferd_tests::{RecycleTrigger, WorkerStateKind};
 
 const ROLL: Duration = Duration::from_secs(120);
 
 fn rolls(status: &PoolStatus) -> u64 {
-    status.counters.recycles.get("roll").copied().unwrap_or(0)
+    status
+        .counters
+        .recycles
+        .get(&RecycleTrigger::Roll)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Fewest serving workers seen by a status poller running until stopped.
@@ -53,7 +59,12 @@ async fn sighup_three_times_under_load_replaces_every_worker_and_fails_nothing()
     let status = daemon
         .wait_for(
             |s| {
-                ready_count(s) + s.workers.iter().filter(|w| w.state == "busy").count() == 2
+                ready_count(s)
+                    + s.workers
+                        .iter()
+                        .filter(|w| w.state == WorkerStateKind::Busy)
+                        .count()
+                    == 2
                     && s.workers.len() == 2
                     && s.workers
                         .iter()

@@ -16,6 +16,7 @@ use inferd_tests::{
     pid_alive, sample_texts, serving_count, Client, ClientError, Daemon, DaemonConfig, Expected,
     PoolStatus, RequestError, POLL_INTERVAL,
 };
+use inferd_tests::{ErrorKind, ExitKind, WorkerStateKind};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -47,7 +48,7 @@ struct Tally {
     /// Answered with vectors that differ from the expected ones.
     wrong: Vec<String>,
     /// Typed errors by [`RequestError::kind`].
-    errors: BTreeMap<&'static str, u64>,
+    errors: BTreeMap<ErrorKind, u64>,
     /// `deaths` of every worker-lost answer.
     worker_lost_deaths: Vec<u32>,
     /// Every typed error other than worker-lost, in words.
@@ -135,14 +136,14 @@ async fn client_loop(
     }
 }
 
-fn exits(status: &PoolStatus) -> &BTreeMap<String, u64> {
+fn exits(status: &PoolStatus) -> &BTreeMap<ExitKind, u64> {
     &status.counters.worker_exits
 }
 
-fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+fn delta<K: Ord + Copy>(after: &BTreeMap<K, u64>, before: &BTreeMap<K, u64>) -> BTreeMap<K, u64> {
     after
         .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .map(|(k, v)| (*k, v - before.get(k).copied().unwrap_or(0)))
         .filter(|(_, v)| *v > 0)
         .collect()
 }
@@ -175,7 +176,7 @@ async fn kill_storm_never_makes_the_pool_unavailable() {
     // The storm.
     let mut rng = XorShift::seeded();
     let mut kills_sent = 0u32;
-    let mut killed_states: BTreeMap<String, u32> = BTreeMap::new();
+    let mut killed_states: BTreeMap<WorkerStateKind, u32> = BTreeMap::new();
     let mut unavailable_seen: Vec<String> = Vec::new();
     let mut status_failures = 0u32;
     let mut ticker = tokio::time::interval(KILL_EVERY);
@@ -196,10 +197,12 @@ async fn kill_storm_never_makes_the_pool_unavailable() {
         if let Some(reason) = &status.unavailable_reason {
             unavailable_seen.push(reason.clone());
         }
-        let candidates: Vec<(u32, String)> = status
+        let candidates: Vec<(u32, WorkerStateKind)> = status
             .workers
             .iter()
-            .filter(|w| w.state != "exiting" && pid_alive(w.pid) && is_inferd_process(w.pid))
+            .filter(|w| {
+                w.state != WorkerStateKind::Exiting && pid_alive(w.pid) && is_inferd_process(w.pid)
+            })
             .map(|w| (w.pid, w.state.clone()))
             .collect();
         if candidates.is_empty() {
@@ -210,7 +213,7 @@ async fn kill_storm_never_makes_the_pool_unavailable() {
             Ok(()) => {
                 kills_sent += 1;
                 killed_pids.push(*pid);
-                *killed_states.entry(state.clone()).or_default() += 1;
+                *killed_states.entry(*state).or_default() += 1;
                 last_kill = Instant::now();
             }
             Err(Errno::ESRCH) => {}
@@ -262,7 +265,7 @@ async fn kill_storm_never_makes_the_pool_unavailable() {
             |s| {
                 s.queue_depth == 0
                     && serving_count(s) == 2
-                    && s.workers.iter().all(|w| w.state == "ready")
+                    && s.workers.iter().all(|w| w.state == WorkerStateKind::Ready)
             },
             Duration::from_secs(30),
         )
@@ -318,7 +321,7 @@ async fn kill_storm_never_makes_the_pool_unavailable() {
         "status said unavailable during the storm: {unavailable_seen:?}"
     );
     assert_eq!(
-        t.errors.get("unavailable").copied().unwrap_or(0),
+        t.errors.get(&ErrorKind::Unavailable).copied().unwrap_or(0),
         0,
         "{t:?}"
     );
@@ -354,7 +357,7 @@ async fn kill_storm_never_makes_the_pool_unavailable() {
     // ended (no supervisor kills, no crash-loop reaction).
     assert_eq!(
         exit_delta,
-        BTreeMap::from([("signaled".to_string(), u64::from(kills_sent))]),
+        BTreeMap::from([(ExitKind::Signaled, u64::from(kills_sent))]),
         "worker exits during the storm"
     );
     // Nothing queued or running: every accepted request got exactly one end.

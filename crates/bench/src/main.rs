@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use inferd_client::Client;
+use inferd_client::WorkerStateKind;
 use inferd_engine::{Engine, EngineConfig};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -249,7 +250,13 @@ impl Daemon {
             while Instant::now() < deadline {
                 if let Ok(mut client) = Client::connect(&self.socket).await {
                     if let Ok(status) = client.status().await {
-                        if status.workers.iter().filter(|w| w.state == "ready").count() == workers {
+                        if status
+                            .workers
+                            .iter()
+                            .filter(|w| w.state == WorkerStateKind::Ready)
+                            .count()
+                            == workers
+                        {
                             return Ok(());
                         }
                     }

@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use inferd_proto::PoolStatus;
+use inferd_proto::{PoolStatus, WorkerStateKind};
 
 /// Renders `status` as a few header lines, one table row per worker, then the
 /// counters. Ends with a newline.
 pub fn format_status(status: &PoolStatus) -> String {
     let mut out = String::new();
-    let count = |state: &str| status.workers.iter().filter(|w| w.state == state).count();
+    let count = |state: WorkerStateKind| status.workers.iter().filter(|w| w.state == state).count();
     // Writing into a String cannot fail; the results are ignored on purpose.
     let _ = writeln!(
         out,
@@ -21,8 +21,8 @@ pub fn format_status(status: &PoolStatus) -> String {
     let _ = writeln!(
         out,
         "workers      {} ready, {} busy / {} target ({} processes)",
-        count("ready"),
-        count("busy"),
+        count(WorkerStateKind::Ready),
+        count(WorkerStateKind::Busy),
         status.target_workers,
         status.workers.len()
     );
@@ -144,7 +144,7 @@ fn mib(bytes: u64) -> String {
 }
 
 /// `kind=n kind=n`, or `0` when empty.
-fn by_kind(counts: &BTreeMap<String, u64>) -> String {
+fn by_kind<K: std::fmt::Display>(counts: &BTreeMap<K, u64>) -> String {
     if counts.is_empty() {
         return "0".into();
     }
@@ -173,13 +173,13 @@ fn human_duration(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use inferd_proto::{Counters, WorkerStatus};
+    use inferd_proto::{Counters, ErrorKind, ExitKind, RefusalReason, WorkerStatus};
 
-    fn worker(id: u64, pid: u32, state: &str) -> WorkerStatus {
+    fn worker(id: u64, pid: u32, state: WorkerStateKind) -> WorkerStatus {
         WorkerStatus {
             id,
             pid,
-            state: state.into(),
+            state,
             rss_bytes: Some(183 * 1024 * 1024),
             pss_bytes: None,
             uss_bytes: None,
@@ -200,19 +200,22 @@ mod tests {
             workers_spawned: 4,
             ..Counters::default()
         };
-        counters.requests_failed.insert("worker_lost".into(), 1);
-        counters.requests_failed.insert("timeout".into(), 1);
-        counters.worker_exits.insert("signaled".into(), 2);
+        counters.requests_failed.insert(ErrorKind::WorkerLost, 1);
+        counters.requests_failed.insert(ErrorKind::Timeout, 1);
+        counters.worker_exits.insert(ExitKind::Signaled, 2);
         counters.requests_abandoned = 3;
         counters
             .connections_refused
-            .insert("max_connections_per_uid".into(), 9);
+            .insert(RefusalReason::MaxConnectionsPerUid, 9);
         let status = PoolStatus {
             pid: 4242,
             uptime_secs: 90,
             model: "/models/m.onnx".into(),
             target_workers: 2,
-            workers: vec![worker(3, 100, "ready"), worker(4, 101, "busy")],
+            workers: vec![
+                worker(3, 100, WorkerStateKind::Ready),
+                worker(4, 101, WorkerStateKind::Busy),
+            ],
             queue_depth: 5,
             queue_capacity: 256,
             queued_bytes: 3 << 20,
@@ -226,7 +229,7 @@ mod tests {
             recent_exits: vec![inferd_proto::ExitRecord {
                 worker_id: 2,
                 pid: 99,
-                kind: "oom_killed".into(),
+                kind: ExitKind::OomKilled,
                 description: "OOM-killed by the kernel".into(),
                 requests_served: 7,
                 age_secs: 30.0,

@@ -29,7 +29,10 @@ use tokio::net::UnixStream;
 mod display;
 
 pub use display::format_status;
-pub use inferd_proto::{Counters, EmbedResult, PoolStatus, RequestError, WorkerStatus};
+pub use inferd_proto::{
+    Counters, EmbedResult, ErrorKind, ExitKind, PoolStatus, RecycleTrigger, RefusalReason,
+    RequestError, RollReport, RollState, WorkerStateKind, WorkerStatus,
+};
 
 /// Program name sent in the hello by [`Client::connect`].
 pub const DEFAULT_PROGRAM: &str = "inferd-client";

@@ -71,7 +71,7 @@ fn embed_answer(request: ClientMessage) -> ServerMessage {
                 workers: vec![WorkerStatus {
                     id: 1,
                     pid: 778,
-                    state: "ready".into(),
+                    state: inferd_proto::WorkerStateKind::Ready,
                     rss_bytes: None,
                     requests_served: 0,
                     age_secs: 1.0,

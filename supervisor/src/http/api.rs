@@ -488,7 +488,7 @@ async fn health(State(conn): Conn) -> Response {
     let serving = status
         .workers
         .iter()
-        .filter(|w| w.state == "ready" || w.state == "busy")
+        .filter(|w| w.state.is_serving())
         .count();
     if serving > 0 {
         return Json(json!({"status": "ok"})).into_response();

@@ -120,7 +120,7 @@ impl ApiError {
     /// The answer to a request the pool (or the access policy) refused.
     pub fn from_request(flavor: Flavor, error: &RequestError) -> Self {
         let message = error.to_string();
-        let kind = error.kind();
+        let kind = error.kind().as_str();
         let (status, kind) = match error {
             RequestError::BadRequest { .. } => {
                 return Self::invalid(flavor, message).with_code(kind);
@@ -254,7 +254,7 @@ mod tests {
             let body = a.body();
             assert_eq!(body["error"]["message"], error.to_string());
             assert!(body["error"]["type"].is_string(), "{body}");
-            assert_eq!(body["error"]["code"], error.kind());
+            assert_eq!(body["error"]["code"], error.kind().as_str());
             let t = ApiError::from_request(Flavor::Tei, &error);
             assert_eq!(t.status, tei, "{error:?}");
             let body = t.body();

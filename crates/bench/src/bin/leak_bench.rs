@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use inferd_client::{Client, ClientError, Counters, PoolStatus};
+use inferd_client::{ExitKind, WorkerStateKind};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -587,7 +588,7 @@ struct Sample {
 struct WorkerSample {
     id: u64,
     pid: u32,
-    state: String,
+    state: WorkerStateKind,
     rss_bytes: Option<u64>,
 }
 
@@ -729,7 +730,11 @@ async fn wait_ready(daemon: &mut Daemon, workers: u32, limit: Duration) -> Resul
             );
         }
         if let Some(status) = status_once(&mut client, &daemon.socket).await {
-            let ready = status.workers.iter().filter(|w| w.state == "ready").count();
+            let ready = status
+                .workers
+                .iter()
+                .filter(|w| w.state == WorkerStateKind::Ready)
+                .count();
             if ready >= workers as usize {
                 return Ok(status);
             }
@@ -775,7 +780,7 @@ fn serving_workers(status: &PoolStatus) -> usize {
     status
         .workers
         .iter()
-        .filter(|w| w.state == "ready" || w.state == "busy")
+        .filter(|w| w.state == WorkerStateKind::Ready || w.state == WorkerStateKind::Busy)
         .count()
 }
 
@@ -911,7 +916,7 @@ async fn pause_before_retry(end: Instant) {
 /// The failure kind: the daemon's own kind for typed errors, else what broke.
 fn client_error_kind(err: &ClientError) -> &'static str {
     match err {
-        ClientError::Request(request) => request.kind(),
+        ClientError::Request(request) => request.kind().as_str(),
         ClientError::Connect { .. } => "connect",
         ClientError::Handshake(_) => "handshake",
         ClientError::Send(_) => "send",
@@ -1031,7 +1036,7 @@ struct RecycleSummary {
     /// Worker exits during the run (each was replaced), from the final counters.
     worker_exits: u64,
     /// The same by classified end kind.
-    worker_exits_by_kind: BTreeMap<String, u64>,
+    worker_exits_by_kind: BTreeMap<ExitKind, u64>,
     /// Workers spawned during the run, from the counters.
     workers_spawned: u64,
     /// Any counter whose name mentions "recycl", as the daemon reports it.
@@ -1124,7 +1129,7 @@ impl Report {
                     .iter()
                     .map(|(kind, n)| {
                         (
-                            kind.clone(),
+                            *kind,
                             n.saturating_sub(initial.worker_exits.get(kind).copied().unwrap_or(0)),
                         )
                     })
@@ -1257,12 +1262,12 @@ impl Report {
         let opt =
             |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.1}{unit}"));
         let configured = |yes: bool| if yes { "" } else { " (not configured)" };
-        let kinds = |map: &BTreeMap<String, u64>| {
+        fn kinds<K: std::fmt::Display>(map: &BTreeMap<K, u64>) -> String {
             map.iter()
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect::<Vec<_>>()
                 .join(", ")
-        };
+        }
         let mut md = String::new();
         let _ = writeln!(md, "\nCommand: `{}`\n", s.command);
         let _ = writeln!(md, "| leak scenario | value |");
@@ -1501,7 +1506,7 @@ fn write_samples_csv(path: &Path, samples: &[Sample]) -> Result<()> {
                     .unwrap_or_default()
             )?;
             shared(&mut out)?;
-            writeln!(out, ",{}", csv_field(&worker.state))?;
+            writeln!(out, ",{}", csv_field(worker.state.as_str()))?;
         }
     }
     out.flush()
