@@ -47,8 +47,10 @@ macro_rules! named_kinds {
 
 named_kinds! {
     /// A worker's lifecycle state, as status reports it.
+    #[derive(Default)]
     pub enum WorkerStateKind {
         /// Spawned, loading its model.
+        #[default]
         Starting => "starting",
         /// Idle, takes requests.
         Ready => "ready",
@@ -60,12 +62,6 @@ named_kinds! {
         Stopping => "stopping",
         /// SIGKILLed, or its socket closed unasked: waiting to be reaped.
         Exiting => "exiting",
-    }
-}
-
-impl Default for WorkerStateKind {
-    fn default() -> Self {
-        Self::Starting
     }
 }
 

@@ -98,7 +98,7 @@ async fn poll_status(
                 status
                     .workers
                     .iter()
-                    .map(|w| (w.pid, w.state.clone()))
+                    .map(|w| (w.pid, w.state))
                     .collect::<Vec<_>>(),
             );
         }

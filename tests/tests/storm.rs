@@ -203,7 +203,7 @@ async fn kill_storm_never_makes_the_pool_unavailable() {
             .filter(|w| {
                 w.state != WorkerStateKind::Exiting && pid_alive(w.pid) && is_inferd_process(w.pid)
             })
-            .map(|w| (w.pid, w.state.clone()))
+            .map(|w| (w.pid, w.state))
             .collect();
         if candidates.is_empty() {
             continue;
