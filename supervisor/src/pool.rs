@@ -634,7 +634,7 @@ impl Pool {
                 "dispatch"
             );
             if let Err(request) = worker.assign(request, now) {
-                self.queue.push_front(request);
+                self.queue.push_front(*request);
             }
         }
     }

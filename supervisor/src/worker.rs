@@ -248,9 +248,9 @@ impl Worker {
 
     /// Ready → Busy with `request`. Gives the request back if the worker is
     /// not Ready or its IO task is gone (then the worker is Lost).
-    pub fn assign(&mut self, mut request: Request, now: Instant) -> Result<(), Request> {
+    pub fn assign(&mut self, mut request: Request, now: Instant) -> Result<(), Box<Request>> {
         if !matches!(self.state, WorkerState::Ready { .. }) {
-            return Err(request);
+            return Err(Box::new(request));
         }
         request.dispatched = Some(now);
         // The request keeps its texts for a retry; the command shares them.
@@ -261,7 +261,7 @@ impl Worker {
         };
         if self.commands.send(command).is_err() {
             self.state = WorkerState::Lost { since: now };
-            return Err(request);
+            return Err(Box::new(request));
         }
         self.state = WorkerState::Busy(Job {
             request_id: request.id,
