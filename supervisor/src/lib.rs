@@ -106,7 +106,6 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
-    let notifier = notify::Notifier::from_env();
     let mut socket = match activation::listener_from_env()? {
         Some(passed) => listener::ClientSocket::adopt(passed, &config.socket)?,
         None => {
@@ -133,6 +132,7 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
     ));
     let (cgroups, cgroup_summary) = prepare_cgroups(&config);
     let seams = pool::Seams {
+        processes: Box::new(process::OsProcesses),
         memory: Box::new(memory::ProcfsMemory::new(
             config.memory_metric != config::MemoryMetric::Rss,
         )),
@@ -193,18 +193,21 @@ pub async fn run(args: Args, config: Config) -> Result<(), DaemonError> {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break None; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break None; }
             _ = sighup.recv() => {
-                // A valid config starts a roll, whose RELOADING=1 and READY=1
-                // the pool sends; an invalid one is answered here.
-                if let Some(reloaded) = reload(&args, &config, &notifier) {
-                    config = reloaded;
-                    config_tx.send_replace(Arc::clone(&config));
-                    http_shared.set_api_keys(config.api_keys.clone());
-                    // Sent from a task of its own: waiting here for room in a
-                    // full channel would hold up signal handling.
-                    let roll = pool::PoolMsg::Roll { config: Some(config.clone()), responder: None };
-                    let pool_tx = pool_tx.clone();
-                    tokio::spawn(async move { let _ = pool_tx.send(roll).await; });
-                }
+                // A valid config starts a roll; either way the pool tells
+                // systemd (RELOADING=1, then READY=1).
+                let message = match reload(&args, &config) {
+                    Ok(reloaded) => {
+                        config = reloaded;
+                        config_tx.send_replace(Arc::clone(&config));
+                        http_shared.set_api_keys(config.api_keys.clone());
+                        pool::PoolMsg::Roll { config: Some(config.clone()), responder: None }
+                    }
+                    Err(reason) => pool::PoolMsg::ReloadRefused { reason },
+                };
+                // Sent from a task of its own: waiting here for room in a
+                // full channel would hold up signal handling.
+                let pool_tx = pool_tx.clone();
+                tokio::spawn(async move { let _ = pool_tx.send(message).await; });
             }
             () = &mut accept_pause, if accept_paused => accept_paused = false,
             accepted = listener.accept(), if !accept_paused => match accepted {
@@ -397,13 +400,10 @@ fn prepare_cgroups(config: &Config) -> (Option<cgroup::Cgroups>, String) {
 /// Re-reads the configuration for SIGHUP. An invalid file is logged and
 /// changes nothing; settings that only take effect at start (the socket and
 /// the framing limit) keep their running values, with a warning.
-fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Option<Arc<Config>> {
+fn reload(args: &Args, running: &Arc<Config>) -> Result<Arc<Config>, String> {
     let refuse = |reason: String| {
         error!(error = %reason, "SIGHUP: invalid configuration; keeping the running one and rolling nothing");
-        // systemd waits for READY=1 after a reload, even a failed one.
-        notifier.reloading();
-        notifier.ready(&format!("reload failed: {reason}"));
-        None
+        Err(reason)
     };
     let mut new = match Config::load(args) {
         Ok(new) => new,
@@ -468,7 +468,7 @@ fn reload(args: &Args, running: &Arc<Config>, notifier: &notify::Notifier) -> Op
     new.max_connections_per_uid = running.max_connections_per_uid;
     info!("SIGHUP: configuration re-read; rolling every worker");
     warn_about_chaos(&new);
-    Some(Arc::new(new))
+    Ok(Arc::new(new))
 }
 
 /// Removes worker leaves (`inferd-<pid>-worker-<id>`) left behind by a

@@ -164,6 +164,36 @@ pub fn try_reap(pid: Pid) -> Result<Option<ExitReport>, Errno> {
     }
 }
 
+/// How the pool starts, kills and reaps worker processes: the OS
+/// ([`OsProcesses`]) in the daemon, in-process fakes in the pool's unit
+/// tests, so its rules can be driven with paused time.
+pub trait Processes: Send + 'static {
+    /// Starts `binary` as a worker: its pid and our end of its socket.
+    fn spawn(&mut self, binary: &Path) -> Result<SpawnedWorker, ProcessError>;
+    /// Sends SIGKILL; `Ok` when it is already gone.
+    fn kill(&mut self, pid: Pid) -> Result<(), Errno>;
+    /// How `pid` ended, once it has; `Ok(None)` while it runs.
+    fn try_reap(&mut self, pid: Pid) -> Result<Option<ExitReport>, Errno>;
+}
+
+/// Real processes: [`spawn_worker`], [`sigkill`], [`try_reap`].
+#[derive(Debug, Default)]
+pub struct OsProcesses;
+
+impl Processes for OsProcesses {
+    fn spawn(&mut self, binary: &Path) -> Result<SpawnedWorker, ProcessError> {
+        spawn_worker(binary)
+    }
+
+    fn kill(&mut self, pid: Pid) -> Result<(), Errno> {
+        sigkill(pid)
+    }
+
+    fn try_reap(&mut self, pid: Pid) -> Result<Option<ExitReport>, Errno> {
+        try_reap(pid)
+    }
+}
+
 /// Why the supervisor asked a worker to exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetireReason {

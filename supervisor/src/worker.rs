@@ -21,11 +21,11 @@ use nix::unistd::Pid;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, Instrument};
 
 use crate::cgroup::Leaf;
 use crate::memory::MemoryUsage;
-use crate::process::{self, Intent, KillReason, RetireReason, SpawnedWorker};
+use crate::process::{Intent, KillReason, RetireReason, SpawnedWorker};
 use crate::request::{Request, Task};
 
 /// Something from a worker's socket, tagged with the worker id by the sender.
@@ -332,11 +332,9 @@ impl Worker {
         };
     }
 
-    /// SIGKILLs the worker: → Killed. Returns its unanswered request, if any.
-    pub fn kill(&mut self, reason: KillReason, now: Instant) -> Option<Request> {
-        if let Err(err) = process::sigkill(self.pid) {
-            warn!(worker_id = self.id, pid = self.pid.as_raw(), error = %err, "SIGKILL failed");
-        }
+    /// The worker was sent SIGKILL: → Killed. Returns its unanswered
+    /// request, if any.
+    pub fn killed(&mut self, reason: KillReason, now: Instant) -> Option<Request> {
         if matches!(self.state, WorkerState::Killed { .. }) {
             // Killing twice keeps the first reason.
             return None;
