@@ -20,6 +20,8 @@
 //! (`tests`) run the real loop on in-process fake workers with paused time.
 
 mod drain;
+#[cfg(test)]
+mod fake;
 mod recycle;
 mod report;
 mod requests;

@@ -149,3 +149,354 @@ async fn a_protocol_error_from_a_draining_worker_retries_its_request() {
         tokio::task::yield_now().await;
     }
 }
+
+// ------------------------------------------------------------------------
+// The pool's rules on fake workers, with paused time: the real loop, real
+// sockets and the real protocol, no processes and no waiting.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use inferd_proto::{EmbedResult, RecycleTrigger, WorkerStateKind};
+use tokio::sync::Semaphore;
+
+use super::fake::{FakeWorkers, Script, CRASH, CRASH_ONCE, HANG};
+
+/// A pool running on fake workers, and the handles a test drives it with.
+struct Harness {
+    pool: mpsc::Sender<PoolMsg>,
+    shutdown: CancellationToken,
+    hurry: CancellationToken,
+    run: tokio::task::JoinHandle<Result<(), PoolError>>,
+    fakes: FakeWorkers,
+    tickets: Arc<Semaphore>,
+    next_id: AtomicU64,
+}
+
+/// `workers` fake workers, no memory limits, recycles allowed at any age.
+fn fake_config(workers: u32) -> Config {
+    Config {
+        workers,
+        min_lifetime_ms: 0,
+        ..(*workerless_config()).clone()
+    }
+}
+
+impl Harness {
+    async fn start(config: Config, script: Script) -> Harness {
+        let fakes = FakeWorkers::new(script);
+        let seams = Seams {
+            processes: Box::new(fakes.clone()),
+            ..test_seams()
+        };
+        let (pool, requests) = mpsc::channel(64);
+        let (shutdown, hurry) = (CancellationToken::new(), CancellationToken::new());
+        let run = tokio::spawn(Pool::run(
+            Arc::new(config),
+            seams,
+            requests,
+            shutdown.clone(),
+            hurry.clone(),
+        ));
+        let harness = Harness {
+            pool,
+            shutdown,
+            hurry,
+            run,
+            fakes,
+            tickets: Arc::new(Semaphore::new(1024)),
+            next_id: AtomicU64::new(1),
+        };
+        let target = harness.status().await.target_workers as usize;
+        harness
+            .wait_for("the workers are ready", |s| ready(s) == target)
+            .await;
+        harness
+    }
+
+    /// Sends one embed request; the task resolves to its answer.
+    fn embed(
+        &self,
+        texts: &[&str],
+        deadline: Option<Duration>,
+    ) -> tokio::task::JoinHandle<Result<EmbedResult, RequestError>> {
+        let (tx, mut answers) = mpsc::unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let msg = PoolMsg::Embed {
+            client: ClientKey {
+                tenant: crate::request::Tenant::Uid(0),
+                conn: id,
+            },
+            task: Task::Embed,
+            texts: texts.iter().map(|t| (*t).to_owned()).collect(),
+            deadline,
+            responder: Responder::new(id, tx),
+            ticket: Arc::clone(&self.tickets)
+                .try_acquire_owned()
+                .expect("a ticket"),
+        };
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            pool.send(msg).await.expect("the pool takes requests");
+            match answers.recv().await.expect("one answer") {
+                ServerMessage::Embeddings { result, .. } => Ok(result),
+                ServerMessage::Error { error, .. } => Err(error),
+                other => panic!("unexpected answer {other:?}"),
+            }
+        })
+    }
+
+    async fn status(&self) -> PoolStatus {
+        let (tx, mut answers) = mpsc::unbounded_channel();
+        let responder = Responder::new(0, tx);
+        self.pool
+            .send(PoolMsg::Status { responder })
+            .await
+            .expect("the pool takes requests");
+        match answers.recv().await.expect("one answer") {
+            ServerMessage::Status { status, .. } => *status,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Polls status every 10 ms (of paused time) until `done`; gives up
+    /// after a minute of it.
+    async fn wait_for(&self, what: &str, done: impl Fn(&PoolStatus) -> bool) -> PoolStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.status().await;
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within 60 s: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn ready(status: &PoolStatus) -> usize {
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerStateKind::Ready)
+        .count()
+}
+
+fn serving(status: &PoolStatus) -> usize {
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state.is_serving())
+        .count()
+}
+
+fn pids(status: &PoolStatus) -> Vec<u32> {
+    status.workers.iter().map(|w| w.pid).collect()
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn fake_workers_answer_through_the_pool() {
+    let pool = Harness::start(fake_config(2), Script::default()).await;
+    let answer = pool.embed(&["a", "b"], None).await.unwrap();
+    assert_eq!(answer.unwrap().embeddings.len(), 2);
+    assert_eq!(pool.fakes.spawned(), 2);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_request_of_a_dead_worker_is_retried_once_on_another() {
+    let pool = Harness::start(fake_config(2), Script::default()).await;
+    let answer = pool.embed(&[CRASH_ONCE], None).await.unwrap();
+    assert!(answer.is_ok(), "answered by the second worker: {answer:?}");
+    let status = pool
+        .wait_for("the dead worker is replaced", |s| ready(s) == 2)
+        .await;
+    assert_eq!(status.counters.retries, 1);
+    assert_eq!(
+        status.counters.worker_exits.get(&ExitKind::Signaled),
+        Some(&1)
+    );
+    assert_eq!(status.counters.poison_rejections, 0);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_request_that_kills_two_workers_is_answered_worker_lost() {
+    let pool = Harness::start(fake_config(2), Script::default()).await;
+    let answer = pool.embed(&[CRASH], None).await.unwrap();
+    assert!(
+        matches!(answer, Err(RequestError::WorkerLost { deaths: 2 })),
+        "{answer:?}"
+    );
+    let status = pool
+        .wait_for("both dead workers are replaced", |s| ready(s) == 2)
+        .await;
+    assert_eq!(status.counters.poison_rejections, 1);
+    assert_eq!(
+        status.counters.worker_exits.get(&ExitKind::Signaled),
+        Some(&2)
+    );
+    // The pool serves on.
+    assert!(pool.embed(&["after"], None).await.unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn deadlines_hold_for_queued_and_running_requests() {
+    let config = Config {
+        request_timeout_ms: 5_000,
+        ..fake_config(1)
+    };
+    let pool = Harness::start(config, Script::default()).await;
+    let started = Instant::now();
+    let running = pool.embed(&[HANG], None);
+    pool.wait_for("the hang runs", |s| serving(s) == 1 && ready(s) == 0)
+        .await;
+    let queued = pool.embed(&["waits"], Some(Duration::from_secs(1)));
+
+    let answer = queued.await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        matches!(answer, Err(RequestError::Timeout { .. })),
+        "{answer:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_millis(1500),
+        "the queued request's deadline: answered after {waited:?}"
+    );
+
+    let answer = running.await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        matches!(answer, Err(RequestError::Timeout { .. })),
+        "{answer:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+        "request_timeout: answered after {waited:?}"
+    );
+    let status = pool
+        .wait_for("the killed worker is replaced", |s| ready(s) == 1)
+        .await;
+    assert_eq!(
+        status
+            .counters
+            .worker_exits
+            .get(&ExitKind::KilledBySupervisor),
+        Some(&1)
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_recycled_worker_serves_until_its_replacement_is_ready() {
+    let config = Config {
+        max_requests: Some(1),
+        ..fake_config(1)
+    };
+    let script = Script {
+        load: Duration::from_secs(2),
+        ..Script::default()
+    };
+    let pool = Harness::start(config, script.clone()).await;
+    let first = pids(&pool.status().await);
+    assert!(pool.embed(&["one"], None).await.unwrap().is_ok());
+    // The replacement loads for 2 s: the old worker keeps serving, and
+    // nothing ever leaves the pool without a serving worker.
+    let mut fewest = usize::MAX;
+    let mut served_meanwhile = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = pool.status().await;
+        fewest = fewest.min(serving(&status));
+        let replaced = status.counters.worker_exits.get(&ExitKind::Retired) == Some(&1);
+        if replaced && !pids(&status).contains(&first[0]) {
+            break;
+        }
+        if status.workers.iter().any(|w| w.replaces.is_some()) && served_meanwhile < 3 {
+            let answer = pool.embed(&["during"], None).await.unwrap();
+            assert!(answer.is_ok(), "{answer:?}");
+            served_meanwhile += 1;
+        }
+        assert!(Instant::now() < deadline, "no hand-over: {status:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fewest, 1, "a serving worker at every sample");
+    assert!(
+        served_meanwhile > 0,
+        "requests were served while the replacement loaded"
+    );
+    let status = pool.status().await;
+    assert_eq!(
+        status.counters.recycles.get(&RecycleTrigger::MaxRequests),
+        Some(&1)
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_roll_whose_workers_cannot_start_fails_and_the_old_ones_serve_on() {
+    let pool = Harness::start(fake_config(2), Script::default()).await;
+    let before = pids(&pool.status().await);
+    pool.fakes.set_script(Script {
+        fail_load: true,
+        ..Script::default()
+    });
+    let (tx, mut answers) = mpsc::unbounded_channel();
+    pool.pool
+        .send(PoolMsg::Roll {
+            config: None,
+            responder: Some(Responder::new(7, tx)),
+        })
+        .await
+        .unwrap();
+    match answers.recv().await {
+        Some(ServerMessage::Error {
+            error: RequestError::RollFailed { reason },
+            ..
+        }) => {
+            // The load error, or the exit when the reap came first.
+            assert!(
+                reason.contains("cannot be loaded") || reason.contains("before it was ready"),
+                "{reason}"
+            )
+        }
+        other => panic!("the roll's answer: {other:?}"),
+    }
+    let status = pool.status().await;
+    assert_eq!(pids(&status), before, "the old workers stay");
+    assert_eq!(serving(&status), 2);
+    assert!(matches!(
+        status.roll.map(|r| r.state),
+        Some(RollState::Failed { .. })
+    ));
+    assert!(pool.embed(&["still"], None).await.unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_second_stop_signal_ends_the_drain_at_once() {
+    let config = Config {
+        request_timeout_ms: 600_000,
+        drain_timeout_ms: 600_000,
+        ..fake_config(1)
+    };
+    let pool = Harness::start(config, Script::default()).await;
+    let hung = pool.embed(&[HANG], None);
+    pool.wait_for("the hang runs", |s| ready(s) == 0).await;
+    pool.shutdown.cancel();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        !pool.run.is_finished(),
+        "the first signal drains: the hang holds it"
+    );
+
+    let hurried = Instant::now();
+    pool.hurry.cancel();
+    pool.run.await.unwrap().unwrap();
+    assert!(
+        hurried.elapsed() < Duration::from_secs(1),
+        "the pool stopped {:?} after the second signal",
+        hurried.elapsed()
+    );
+    assert!(matches!(
+        hung.await.unwrap(),
+        Err(RequestError::ShuttingDown)
+    ));
+}
