@@ -114,6 +114,17 @@ named_kinds! {
 }
 
 named_kinds! {
+    /// Where a recycle stands.
+    pub enum RecycleStage {
+        /// The replacement is loading; the old worker serves.
+        Loading => "loading",
+        /// The replacement is Ready; the old worker finishes its request and
+        /// exits.
+        HandedOver => "handed_over",
+    }
+}
+
+named_kinds! {
     /// The kind of a [`crate::RequestError`], for counters and metrics.
     pub enum ErrorKind {
         /// The request is invalid.

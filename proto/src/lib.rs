@@ -82,7 +82,9 @@ pub use connection::{Connection, FREE_FRAME_BYTES, HANDSHAKE_TIMEOUT, HELLO_MAX_
 pub use frame::{
     decode_payload, encode_frame, put_raw_frame, FrameDecoder, DEFAULT_MAX_FRAME_BYTES,
 };
-pub use kinds::{ErrorKind, ExitKind, RecycleTrigger, RefusalReason, WorkerStateKind};
+pub use kinds::{
+    ErrorKind, ExitKind, RecycleStage, RecycleTrigger, RefusalReason, WorkerStateKind,
+};
 pub use message::*;
 
 /// Version of the message layer. Bump on any change to the message enums.

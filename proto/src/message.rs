@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    bounded, ErrorKind, ExitKind, RecycleTrigger, RefusalReason, WorkerStateKind, PROTOCOL_VERSION,
+    bounded, ErrorKind, ExitKind, RecycleStage, RecycleTrigger, RefusalReason, WorkerStateKind,
+    PROTOCOL_VERSION,
 };
 
 /// Most texts one embed request may carry on the wire, in
@@ -445,10 +446,29 @@ pub struct PoolStatus {
     pub recent_exits: Vec<ExitRecord>,
     /// The rolling restart under way, or the last one.
     pub roll: Option<RollReport>,
+    /// Recycles under way: a replacement loading, or an old worker on its
+    /// way out.
+    #[serde(deserialize_with = "bounded::vec")]
+    pub recycles: Vec<RecycleReport>,
     /// Test-only `[chaos]` options the workers start with, in words.
     pub chaos: Option<String>,
     /// Cumulative counters.
     pub counters: Counters,
+}
+
+/// One recycle under way, as status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecycleReport {
+    /// The worker being replaced.
+    pub old_worker: u64,
+    /// Its replacement.
+    pub replacement: u64,
+    /// Why.
+    pub trigger: RecycleTrigger,
+    /// Seconds since the replacement was spawned.
+    pub age_secs: f64,
+    /// Where it stands.
+    pub stage: RecycleStage,
 }
 
 /// A rolling restart (SIGHUP or `inferctl roll`), as status shows it.
@@ -568,6 +588,9 @@ pub struct Counters {
     pub workers_spawned: u64,
     /// Graceful recycles started, by trigger.
     pub recycles: BTreeMap<RecycleTrigger, u64>,
+    /// Recycles abandoned because the replacement ended before it was
+    /// Ready (the old worker serves on and is judged again), by trigger.
+    pub recycles_failed: BTreeMap<RecycleTrigger, u64>,
     /// Worker exits by classified end kind.
     pub worker_exits: BTreeMap<ExitKind, u64>,
 }
@@ -800,6 +823,13 @@ mod tests {
                 },
             }),
             chaos: Some("hang_marker \"h\"".into()),
+            recycles: vec![RecycleReport {
+                old_worker: 3,
+                replacement: 5,
+                trigger: RecycleTrigger::SoftLimit,
+                age_secs: 1.5,
+                stage: RecycleStage::Loading,
+            }],
             counters: Counters {
                 requests_abandoned: 2,
                 connections_refused: [(RefusalReason::MaxConnections, 5)].into(),

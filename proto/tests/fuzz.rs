@@ -31,10 +31,10 @@ use std::time::Instant;
 use bytes::BytesMut;
 use inferd_proto::{
     decode_payload, encode_frame, ChaosOptions, ClientMessage, Counters, EmbedResult, ErrorKind,
-    ExitKind, ExitRecord, FrameDecoder, Hello, PoolStatus, ProtoError, RecycleTrigger,
-    RefusalReason, RequestError, RequestLimits, RollReport, RollState, ServerMessage, Timing,
-    Token, TokenizeResult, WorkerCommand, WorkerConfig, WorkerEvent, WorkerStateKind, WorkerStatus,
-    MAX_TEXTS_PER_REQUEST,
+    ExitKind, ExitRecord, FrameDecoder, Hello, PoolStatus, ProtoError, RecycleReport, RecycleStage,
+    RecycleTrigger, RefusalReason, RequestError, RequestLimits, RollReport, RollState,
+    ServerMessage, Timing, Token, TokenizeResult, WorkerCommand, WorkerConfig, WorkerEvent,
+    WorkerStateKind, WorkerStatus, MAX_TEXTS_PER_REQUEST,
 };
 use serde::de::DeserializeOwned;
 
@@ -329,6 +329,13 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
             },
         }),
         chaos: rng.option(Rng::string),
+        recycles: rng.vec(workers, |rng| RecycleReport {
+            old_worker: rng.int(),
+            replacement: rng.int(),
+            trigger: rng.pick(RecycleTrigger::ALL),
+            age_secs: rng.int() as f64,
+            stage: rng.pick(RecycleStage::ALL),
+        }),
         counters: Counters {
             requests_accepted: rng.int(),
             requests_rejected: rng.int(),
@@ -340,6 +347,7 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
             connections_refused: rng.map(RefusalReason::ALL),
             workers_spawned: rng.int(),
             recycles: rng.map(RecycleTrigger::ALL),
+            recycles_failed: rng.map(RecycleTrigger::ALL),
             worker_exits: rng.map(ExitKind::ALL),
         },
     }

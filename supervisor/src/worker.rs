@@ -125,9 +125,6 @@ pub struct Worker {
     /// The pool's roll generation when it was spawned: a roll replaces every
     /// worker of an older generation.
     pub generation: u64,
-    /// Set on a worker spawned to replace another: (old id, why). When this
-    /// one is Ready, the old one drains.
-    pub replaces: Option<(u64, RetireReason)>,
     /// Latest memory reading.
     pub memory: Option<MemoryUsage>,
     /// Why it could not load its model, as it reported before exiting.
@@ -174,7 +171,6 @@ impl Worker {
             ready_at: None,
             requests_served: 0,
             generation: 0,
-            replaces: None,
             memory: None,
             load_error: None,
             leaf_oom_kills_at_spawn: leaf.as_ref().and_then(|l| l.oom_kills().ok()).unwrap_or(0),

@@ -53,6 +53,17 @@ pub fn format_status(status: &PoolStatus) -> String {
     if let Some(chaos) = &status.chaos {
         let _ = writeln!(out, "CHAOS        test-only options on: {chaos}");
     }
+    for recycle in &status.recycles {
+        let _ = writeln!(
+            out,
+            "recycle      worker {} -> {} ({}): {}, {}",
+            recycle.old_worker,
+            recycle.replacement,
+            recycle.trigger,
+            recycle.stage,
+            human_duration(recycle.age_secs)
+        );
+    }
     if let Some(roll) = &status.roll {
         let _ = writeln!(
             out,
@@ -118,6 +129,7 @@ pub fn format_status(status: &PoolStatus) -> String {
     let _ = writeln!(out, "  poison rejections   {}", c.poison_rejections);
     let _ = writeln!(out, "  workers spawned     {}", c.workers_spawned);
     let _ = writeln!(out, "  recycles            {}", by_kind(&c.recycles));
+    let _ = writeln!(out, "  recycles failed     {}", by_kind(&c.recycles_failed));
     let _ = writeln!(out, "  worker exits        {}", by_kind(&c.worker_exits));
     if !status.recent_exits.is_empty() {
         out.push('\n');
@@ -243,6 +255,13 @@ mod tests {
                 },
             }),
             chaos: Some("crash_marker \"boom\"".into()),
+            recycles: vec![inferd_proto::RecycleReport {
+                old_worker: 3,
+                replacement: 5,
+                trigger: inferd_proto::RecycleTrigger::SoftLimit,
+                age_secs: 2.0,
+                stage: inferd_proto::RecycleStage::Loading,
+            }],
             counters,
         };
         let text = format_status(&status);
@@ -262,6 +281,10 @@ mod tests {
         assert!(text.contains("UNAVAILABLE  model file missing"), "{text}");
         assert!(
             text.contains("CHAOS        test-only options on: crash_marker \"boom\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("recycle      worker 3 -> 5 (soft_limit): loading, 2.0s"),
             "{text}"
         );
         assert!(

@@ -51,6 +51,7 @@
 //! | `inferd_poison_rejections_total` | | requests quarantined as poison inputs (answered `worker_lost`) |
 //! | `inferd_workers_spawned_total` | | worker processes spawned |
 //! | `inferd_recycles_total` | `trigger` | graceful recycles started, per trigger: `soft_limit`, `max_requests`, `max_lifetime`, `roll` (SIGHUP), each always present; any other trigger appears too |
+//! | `inferd_recycles_failed_total` | `trigger` | recycles abandoned because the replacement ended before it was Ready (the old worker serves on and is judged again), per trigger, each always present |
 //! | `inferd_worker_exits_total` | `end` | worker exits per classified end: `retired`, `killed_by_supervisor`, `oom_killed`, `likely_oom_killed` (no per-worker cgroup, the host's OOM counter rose), `signaled`, `exited`, `unknown` (it could not be waited for), each always present |
 
 #[cfg(test)]
@@ -305,6 +306,15 @@ impl Display for Exposition<'_> {
             "trigger",
             RecycleTrigger::ALL,
             counted(&counters.recycles),
+        )?;
+        labelled(
+            f,
+            "inferd_recycles_failed_total",
+            Counter,
+            "Recycles abandoned because the replacement ended before it was ready, by trigger.",
+            "trigger",
+            RecycleTrigger::ALL,
+            counted(&counters.recycles_failed),
         )?;
         labelled(
             f,

@@ -62,6 +62,7 @@ fn representative() -> PoolStatus {
         recent_exits: Vec::new(),
         roll: None,
         chaos: None,
+        recycles: Vec::new(),
         counters: Counters {
             requests_accepted: 100,
             requests_ok: 90,
@@ -80,6 +81,7 @@ fn representative() -> PoolStatus {
                 (RecycleTrigger::SoftLimit, 1),
                 (RecycleTrigger::MaxRequests, 2),
             ]),
+            recycles_failed: map(&[(RecycleTrigger::Roll, 1)]),
             worker_exits: map(&[
                 (ExitKind::Retired, 3),
                 (ExitKind::OomKilled, 1),
@@ -197,6 +199,7 @@ fn representative_status_parses_with_the_expected_values() {
         "inferd_poison_rejections_total",
         "inferd_workers_spawned_total",
         "inferd_recycles_total",
+        "inferd_recycles_failed_total",
         "inferd_worker_exits_total",
     ]
     .into();
@@ -264,6 +267,10 @@ fn representative_status_parses_with_the_expected_values() {
         2.0
     );
     assert_eq!(v("inferd_recycles_total", &[("trigger", "roll")]), 0.0);
+    assert_eq!(
+        v("inferd_recycles_failed_total", &[("trigger", "roll")]),
+        1.0
+    );
     assert_eq!(v("inferd_worker_exits_total", &[("end", "retired")]), 3.0);
     assert_eq!(
         v("inferd_worker_exits_total", &[("end", "oom_killed")]),

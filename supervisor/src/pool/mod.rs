@@ -34,8 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inferd_proto::{
-    Counters, ErrorKind, ExitKind, ExitRecord, PoolStatus, RequestError, RequestLimits, RollReport,
-    RollState, WorkerConfig, WorkerEvent, WorkerStatus,
+    Counters, ErrorKind, ExitKind, ExitRecord, PoolStatus, RecycleReport, RecycleStage,
+    RequestError, RequestLimits, RollReport, RollState, WorkerConfig, WorkerEvent, WorkerStatus,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -54,7 +54,7 @@ use crate::process::{self, KillReason, OomEvidence, RetireReason, WorkerEnd};
 use crate::queue::{FairQueue, Measure};
 use crate::request::{ClientKey, Outcome, Request, Responder, Task};
 use crate::worker::{IoEvent, Worker, WorkerState};
-use recycle::RollProgress;
+use recycle::{Recycle, RollProgress};
 use requests::count_failure;
 
 /// How often deadlines, stuck workers and missed reaps are checked.
@@ -231,6 +231,8 @@ pub struct Pool {
     roll: Option<RollProgress>,
     /// How the last roll ended, for status.
     last_roll: Option<RollReport>,
+    /// Recycles under way.
+    recycles: Vec<Recycle>,
     /// READY=1 was sent (once the first worker is Ready).
     announced_ready: bool,
     /// The last STATUS= line sent, to send only changes.
@@ -328,6 +330,7 @@ impl Pool {
             config_generation: 0,
             roll: None,
             last_roll: None,
+            recycles: Vec::new(),
             announced_ready: false,
             last_status_line: String::new(),
             last_watchdog: now,
@@ -380,12 +383,9 @@ impl Pool {
                 if worker.mark_ready(now) {
                     info!(worker_id, pid, %model, dims, load_ms, "worker ready");
                     self.pacer.started();
-                    let replaces = worker.replaces.take();
                     let generation = worker.generation;
                     self.prove_roll(generation, worker_id);
-                    if let Some((old_id, reason)) = replaces {
-                        self.hand_over(old_id, worker_id, reason, now);
-                    }
+                    self.hand_over(worker_id, now);
                     if !self.announced_ready && self.roll.is_none() {
                         // The socket is bound before the pool starts, so
                         // this is the moment the daemon can serve.

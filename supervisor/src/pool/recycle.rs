@@ -7,6 +7,24 @@
 
 use super::*;
 
+/// One recycle under way: a replacement spawned for an old worker, which
+/// serves until the replacement is Ready (`Loading`), then finishes its
+/// request and exits (`HandedOver`). The record ends when the old worker is
+/// reaped, or fails when the replacement ends before it was Ready.
+#[derive(Debug)]
+pub(super) struct Recycle {
+    /// The worker being replaced.
+    pub(super) old: u64,
+    /// Its replacement.
+    pub(super) replacement: u64,
+    /// Why.
+    pub(super) reason: RetireReason,
+    /// When the replacement was spawned.
+    pub(super) started: Instant,
+    /// Where it stands.
+    pub(super) stage: RecycleStage,
+}
+
 /// A rolling restart in progress. Its configuration is a candidate until
 /// one of its new workers is Ready: until then the pool keeps the running
 /// configuration (crash replacements start from it), and if new workers
@@ -83,10 +101,8 @@ impl Pool {
             .map(|w| w.id)
             .collect();
         // Complete only when the old workers are gone, not just retiring.
-        let waiting = self
-            .workers
-            .values()
-            .any(|w| w.replaces.is_some() || w.generation < generation);
+        let waiting =
+            !self.recycles.is_empty() || self.workers.values().any(|w| w.generation < generation);
         if !waiting {
             if let Some(roll) = self.roll.take() {
                 let replaced = roll.replaced;
@@ -221,10 +237,7 @@ impl Pool {
         };
         let serving = worker.is_serving();
         let has_leaf = worker.leaf.is_some();
-        let being_replaced = self
-            .workers
-            .values()
-            .any(|w| w.replaces.is_some_and(|(old, _)| old == worker_id));
+        let being_replaced = self.recycles.iter().any(|r| r.old == worker_id);
         match self.policy.judge(&facts) {
             Verdict::Keep => {}
             // A worker in its own cgroup has the kernel enforce the hard
@@ -248,18 +261,31 @@ impl Pool {
         if !matches!(self.phase, Phase::Running) || !self.pacer.may_spawn(now) {
             return;
         }
-        let in_progress = self
+        // Replacements loading, and old workers on their way out.
+        let loading = self
+            .recycles
+            .iter()
+            .filter(|r| r.stage == RecycleStage::Loading)
+            .count();
+        let retiring = self
             .workers
             .values()
-            .filter(|w| {
-                w.replaces.is_some()
-                    || matches!(w.intent(), process::Intent::Retire(r) if r != RetireReason::Shutdown)
-            })
+            .filter(
+                |w| matches!(w.intent(), process::Intent::Retire(r) if r != RetireReason::Shutdown),
+            )
             .count();
+        let in_progress = loading + retiring;
         if in_progress >= self.config.max_concurrent_recycles as usize {
             return;
         }
-        if let Some(new_id) = self.spawn(Some((old_id, reason)), now) {
+        if let Some(new_id) = self.spawn(true, now) {
+            self.recycles.push(Recycle {
+                old: old_id,
+                replacement: new_id,
+                reason,
+                started: now,
+                stage: RecycleStage::Loading,
+            });
             if let Some(trigger) = reason.trigger() {
                 *self.counters.recycles.entry(trigger).or_default() += 1;
             }
@@ -276,15 +302,18 @@ impl Pool {
         }
     }
 
-    /// The replacement is Ready: the old worker stops taking work, finishes
-    /// its request and exits.
-    pub(super) fn hand_over(
-        &mut self,
-        old_id: u64,
-        new_id: u64,
-        reason: RetireReason,
-        now: Instant,
-    ) {
+    /// Worker `new_id` is Ready: if it is a replacement, the old worker
+    /// stops taking work, finishes its request and exits.
+    pub(super) fn hand_over(&mut self, new_id: u64, now: Instant) {
+        let Some(recycle) = self
+            .recycles
+            .iter_mut()
+            .find(|r| r.replacement == new_id && r.stage == RecycleStage::Loading)
+        else {
+            return;
+        };
+        recycle.stage = RecycleStage::HandedOver;
+        let (old_id, reason) = (recycle.old, recycle.reason);
         match self.workers.get_mut(&old_id) {
             Some(old) if old.is_serving() => {
                 info!(worker_id = old_id, pid = old.pid.as_raw(), replacement_id = new_id, %reason, "replacement ready; retiring worker");
@@ -303,6 +332,34 @@ impl Pool {
         }
     }
 
+    /// Worker `worker_id` is a replacement still loading.
+    pub(super) fn is_loading_replacement(&self, worker_id: u64) -> bool {
+        self.recycles
+            .iter()
+            .any(|r| r.replacement == worker_id && r.stage == RecycleStage::Loading)
+    }
+
+    /// Worker `worker` ended: a recycle it was the replacement of, still
+    /// loading, failed (the old worker serves on, and is judged again); one
+    /// it was the old worker of is over.
+    pub(super) fn end_recycles_of(&mut self, worker: &Worker) {
+        let worker_id = worker.id;
+        let mut failed = Vec::new();
+        self.recycles.retain(|r| {
+            if r.replacement == worker_id && r.stage == RecycleStage::Loading {
+                failed.push((r.old, r.reason));
+                return false;
+            }
+            r.old != worker_id
+        });
+        for (old_id, reason) in failed {
+            warn!(worker_id, old_worker_id = old_id, %reason, "replacement died before it was ready; recycle abandoned");
+            if let Some(trigger) = reason.trigger() {
+                *self.counters.recycles_failed.entry(trigger).or_default() += 1;
+            }
+        }
+    }
+
     /// After a reload lowered `workers`: retire idle workers, one per tick,
     /// until the pool is back at its target (replacements under way do not
     /// count; they take over another worker's place).
@@ -313,7 +370,7 @@ impl Pool {
         let established = self
             .workers
             .values()
-            .filter(|w| w.is_live() && w.replaces.is_none())
+            .filter(|w| w.is_live() && !self.is_loading_replacement(w.id))
             .count();
         if established <= self.config.workers as usize {
             return;

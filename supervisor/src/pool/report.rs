@@ -108,7 +108,11 @@ impl Pool {
                         requests_served: w.requests_served,
                         age_secs: now.duration_since(w.spawned).as_secs_f64(),
                         cgroup: w.leaf.as_ref().map(|l| l.path().display().to_string()),
-                        replaces: w.replaces.map(|(old, _)| old),
+                        replaces: self
+                            .recycles
+                            .iter()
+                            .find(|r| r.replacement == w.id && r.stage == RecycleStage::Loading)
+                            .map(|r| r.old),
                     }
                 })
                 .collect(),
@@ -135,6 +139,19 @@ impl Pool {
                 })
                 .or_else(|| self.last_roll.clone()),
             chaos: self.config.chaos.describe(),
+            recycles: self
+                .recycles
+                .iter()
+                .filter_map(|r| {
+                    Some(RecycleReport {
+                        old_worker: r.old,
+                        replacement: r.replacement,
+                        trigger: r.reason.trigger()?,
+                        age_secs: now.duration_since(r.started).as_secs_f64(),
+                        stage: r.stage,
+                    })
+                })
+                .collect(),
             counters: Counters {
                 connections_refused: self.seams.connections.refused(),
                 ..self.counters.clone()

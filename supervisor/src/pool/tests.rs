@@ -111,7 +111,7 @@ async fn a_protocol_error_from_a_draining_worker_retries_its_request() {
     let dir = tempfile::tempdir().unwrap();
     let mut pool = pool_of_sleepers(dir.path());
     let now = Instant::now();
-    let worker_id = pool.spawn(None, now).expect("spawned");
+    let worker_id = pool.spawn(false, now).expect("spawned");
     let request = queued_request(&mut pool, now);
     let worker = pool.workers.get_mut(&worker_id).unwrap();
     assert!(worker.mark_ready(now));
@@ -499,4 +499,59 @@ async fn a_second_stop_signal_ends_the_drain_at_once() {
         hung.await.unwrap(),
         Err(RequestError::ShuttingDown)
     ));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_replacement_that_cannot_start_fails_its_recycle_and_the_old_worker_serves_on() {
+    let config = Config {
+        max_requests: Some(1),
+        ..fake_config(1)
+    };
+    let pool = Harness::start(config, Script::default()).await;
+    let old = pids(&pool.status().await);
+    pool.fakes.set_script(Script {
+        fail_load: true,
+        ..Script::default()
+    });
+    assert!(pool.embed(&["one"], None).await.unwrap().is_ok());
+    let status = pool
+        .wait_for("a failed recycle is counted", |s| {
+            s.counters.recycles_failed.get(&RecycleTrigger::MaxRequests) >= Some(&1)
+        })
+        .await;
+    assert!(
+        pids(&status).contains(&old[0]),
+        "the old worker stays: {status:?}"
+    );
+    assert!(
+        pool.embed(&["two"], None).await.unwrap().is_ok(),
+        "and serves"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn status_shows_a_recycle_while_its_replacement_loads() {
+    let config = Config {
+        max_requests: Some(1),
+        ..fake_config(1)
+    };
+    let script = Script {
+        load: Duration::from_secs(5),
+        ..Script::default()
+    };
+    let pool = Harness::start(config, script).await;
+    let old = pids(&pool.status().await)[0];
+    assert!(pool.embed(&["one"], None).await.unwrap().is_ok());
+    let status = pool
+        .wait_for("the recycle shows", |s| !s.recycles.is_empty())
+        .await;
+    let recycle = &status.recycles[0];
+    assert_eq!(recycle.trigger, RecycleTrigger::MaxRequests);
+    assert_eq!(recycle.stage, inferd_proto::RecycleStage::Loading);
+    let old_id = status.workers.iter().find(|w| w.pid == old).unwrap().id;
+    assert_eq!(recycle.old_worker, old_id);
+    pool.wait_for("the recycle completes", |s| {
+        s.recycles.is_empty() && !pids(s).contains(&old)
+    })
+    .await;
 }

@@ -96,9 +96,7 @@ impl Pool {
         if let Some(request) = worker.take_request() {
             self.fail_over(request, worker.id, now);
         }
-        if let Some((old_id, reason)) = worker.replaces {
-            warn!(worker_id, old_worker_id = old_id, %reason, "replacement died before it was ready; recycle abandoned");
-        }
+        self.end_recycles_of(worker);
         if !matches!(self.phase, Phase::Running) {
             return;
         }
@@ -177,7 +175,7 @@ impl Pool {
             }
         }
         while self.workers.values().filter(|w| w.is_live()).count() < self.config.workers as usize {
-            if !self.pacer.may_spawn(now) || self.spawn(None, now).is_none() {
+            if !self.pacer.may_spawn(now) || self.spawn(false, now).is_none() {
                 return;
             }
         }
@@ -187,13 +185,9 @@ impl Pool {
     /// marks it as the replacement in a recycle. Returns its id.
     /// A replacement during a roll starts from the roll's configuration;
     /// any other worker from the pool's.
-    pub(super) fn spawn(
-        &mut self,
-        replaces: Option<(u64, RetireReason)>,
-        now: Instant,
-    ) -> Option<u64> {
+    pub(super) fn spawn(&mut self, for_recycle: bool, now: Instant) -> Option<u64> {
         let (config, generation) = match &self.roll {
-            Some(roll) if replaces.is_some() => (Arc::clone(&roll.candidate), roll.generation),
+            Some(roll) if for_recycle => (Arc::clone(&roll.candidate), roll.generation),
             _ => (Arc::clone(&self.config), self.config_generation),
         };
         let worker_id = self.next_worker_id;
@@ -218,7 +212,6 @@ impl Pool {
             now,
         );
         info!(worker_id, pid = pid.as_raw(), cgroup = ?worker.leaf.as_ref().map(Leaf::path), "worker spawned");
-        worker.replaces = replaces;
         worker.generation = generation;
         self.counters.workers_spawned += 1;
         self.workers.insert(worker_id, worker);
