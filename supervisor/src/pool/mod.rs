@@ -34,8 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inferd_proto::{
-    Counters, ErrorKind, ExitKind, ExitRecord, PoolStatus, RecycleReport, RecycleStage,
-    RequestError, RequestLimits, RollReport, RollState, WorkerConfig, WorkerEvent, WorkerStatus,
+    Counters, ExitKind, ExitRecord, PoolStatus, RecycleReport, RecycleStage, RequestError,
+    RequestLimits, RollReport, RollState, WorkerConfig, WorkerEvent, WorkerStatus,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -55,7 +55,6 @@ use crate::queue::{FairQueue, Measure};
 use crate::request::{ClientKey, Outcome, Request, Responder, Task};
 use crate::worker::{IoEvent, Worker, WorkerState};
 use recycle::{Recycle, RollProgress};
-use requests::count_failure;
 
 /// How often deadlines, stuck workers and missed reaps are checked.
 const TICK: Duration = Duration::from_millis(100);

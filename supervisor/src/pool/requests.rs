@@ -1,7 +1,9 @@
 //! The request side of the pool: admission (limits, queue room), dispatch
 //! to the longest-idle worker, answers, failover of a dead worker's
 //! request (once; twice is poison), and the deadlines of queued requests.
-//! Every answer leaves through [`Pool::finish`] or [`Pool::abandon`].
+//! Every answer to an accepted request leaves through [`Pool::finish`] (or
+//! [`Pool::time_out`], which goes through it) or [`Pool::abandon`]; a
+//! request turned away at the door through [`Pool::reject`].
 
 use super::*;
 
@@ -35,9 +37,7 @@ impl Pool {
                 .map(|reason| RequestError::Unavailable { reason })
         };
         if let Some(error) = rejection {
-            self.counters.requests_rejected += 1;
-            self.count_failure(&error);
-            responder.fail(error);
+            self.reject(responder, error);
             return;
         }
         let deadline = now + deadline.unwrap_or_else(|| self.config.default_deadline());
@@ -52,10 +52,8 @@ impl Pool {
         );
         self.next_request_id += 1;
         if !self.make_room(&request, now) {
-            self.counters.requests_rejected += 1;
             let error = self.overloaded();
-            self.count_failure(&error);
-            request.responder.fail(error);
+            self.reject(request.responder, error);
             return;
         }
         self.counters.requests_accepted += 1;
@@ -140,8 +138,7 @@ impl Pool {
                 continue;
             }
             if now >= request.deadline {
-                let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
-                self.finish(request, Err(RequestError::Timeout { elapsed_ms }), now);
+                self.time_out(request, now);
                 continue;
             }
             return Some(request);
@@ -207,12 +204,18 @@ impl Pool {
         }
         for request in self.queue.take_where(done) {
             if now >= request.deadline {
-                let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
-                self.finish(request, Err(RequestError::Timeout { elapsed_ms }), now);
+                self.time_out(request, now);
             } else {
                 self.abandon(request);
             }
         }
+    }
+
+    /// Answers `request` `timeout`, with the time since it was accepted.
+    pub(super) fn time_out(&mut self, request: Request, now: Instant) {
+        let elapsed_ms =
+            u64::try_from(now.duration_since(request.accepted).as_millis()).unwrap_or(u64::MAX);
+        self.finish(request, Err(RequestError::Timeout { elapsed_ms }), now);
     }
 
     /// Sends the one answer for `request` and counts it.
@@ -254,11 +257,18 @@ impl Pool {
         request.responder.abandon();
     }
 
-    pub(super) fn count_failure(&mut self, error: &RequestError) {
-        count_failure(&mut self.counters, error.kind());
+    /// Answers a request turned away at the door, never queued.
+    fn reject(&mut self, responder: Responder, error: RequestError) {
+        self.counters.requests_rejected += 1;
+        self.count_failure(&error);
+        responder.fail(error);
     }
-}
 
-pub(super) fn count_failure(counters: &mut Counters, kind: ErrorKind) {
-    *counters.requests_failed.entry(kind).or_default() += 1;
+    fn count_failure(&mut self, error: &RequestError) {
+        *self
+            .counters
+            .requests_failed
+            .entry(error.kind())
+            .or_default() += 1;
+    }
 }

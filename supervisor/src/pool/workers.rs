@@ -18,10 +18,7 @@ impl Pool {
         }
         if let Some(request) = worker.killed(reason, now) {
             match reason {
-                KillReason::RequestTimeout => {
-                    let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
-                    self.finish(request, Err(RequestError::Timeout { elapsed_ms }), now);
-                }
+                KillReason::RequestTimeout => self.time_out(request, now),
                 // Only a shutdown gives up on the request; a recycle's drain
                 // deadline retries it like any other death.
                 KillReason::DrainDeadline if matches!(self.phase, Phase::Draining { .. }) => {
@@ -245,6 +242,7 @@ impl Pool {
         let startup_timeout = self.config.startup_timeout();
         let recycle_drain = self.config.recycle_drain_timeout();
         let mut kills = Vec::new();
+        let mut late = Vec::new();
         for worker in self.workers.values_mut() {
             let overdue = |since: Instant, limit: Duration| now.duration_since(since) > limit;
             let kill = match worker.state() {
@@ -274,13 +272,12 @@ impl Pool {
             // let the worker finish (its result is discarded).
             if let Some(job) = worker.job_mut() {
                 if job.request.as_ref().is_some_and(|r| now >= r.deadline) {
-                    if let Some(request) = job.request.take() {
-                        let elapsed_ms = now.duration_since(request.accepted).as_millis() as u64;
-                        count_failure(&mut self.counters, ErrorKind::Timeout);
-                        request.responder.fail(RequestError::Timeout { elapsed_ms });
-                    }
+                    late.extend(job.request.take());
                 }
             }
+        }
+        for request in late {
+            self.time_out(request, now);
         }
         for (worker_id, reason) in kills {
             self.kill(worker_id, reason, now);
