@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use inferd_client::{format_status, Client, ClientError};
 use inferd_proto::{PoolStatus, WorkerStateKind};
+use inferd_supervisor::Config;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde::Serialize;
 
 use crate::fixtures::{binary, model_files, test_model_name};
 use crate::process::{children_of, comm, pid_alive};
@@ -22,44 +22,17 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Default bound on the wait for a started daemon's workers to be ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Everything that goes into a test daemon's TOML config, plus how the
-/// harness runs it. Build with [`DaemonConfig::new`] and the setters.
+/// Everything that goes into a test daemon: its configuration, as the
+/// daemon's own [`Config`] (written to its TOML file, so a key the daemon
+/// does not know cannot be set), plus how the harness runs it. Build with
+/// [`DaemonConfig::new`], the setters and [`DaemonConfig::with`].
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
-    /// `workers`: pool size; also how many "ready" workers mean started.
-    pub workers: u32,
-    /// `model`: the ONNX file.
-    pub model: PathBuf,
-    /// `tokenizer`: the tokenizer.json file.
-    pub tokenizer: PathBuf,
-    /// `socket`; `None` puts `inferd.sock` in the daemon's temp dir.
+    /// The daemon's configuration. `socket` is replaced by one in the
+    /// daemon's temp dir unless [`DaemonConfig::socket`] chose one.
+    pub config: Config,
+    /// The socket [`DaemonConfig::socket`] chose, if any.
     pub socket: Option<PathBuf>,
-    /// `worker_binary`; `None` leaves the daemon's default (next to `inferd`).
-    pub worker_binary: Option<PathBuf>,
-    /// `max_seq_len`.
-    pub max_seq_len: Option<usize>,
-    /// `normalize`.
-    pub normalize: Option<bool>,
-    /// `queue_capacity`.
-    pub queue_capacity: Option<u32>,
-    /// `max_frame_bytes`.
-    pub max_frame_bytes: Option<u64>,
-    /// `max_texts`.
-    pub max_texts: Option<u32>,
-    /// `max_text_bytes`.
-    pub max_text_bytes: Option<u64>,
-    /// `request_timeout_ms`.
-    pub request_timeout_ms: Option<u64>,
-    /// `default_deadline_ms`.
-    pub default_deadline_ms: Option<u64>,
-    /// `drain_timeout_ms`.
-    pub drain_timeout_ms: Option<u64>,
-    /// `[chaos] crash_marker`.
-    pub crash_marker: Option<String>,
-    /// Further top-level keys, written as given (see [`DaemonConfig::set`]).
-    pub extra: toml::Table,
-    /// Further `[chaos]` keys (see [`DaemonConfig::chaos`]).
-    pub extra_chaos: toml::Table,
     /// Extra environment variables for the daemon (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
     /// A listening socket passed as fd 3 with `LISTEN_FDS=1` and
@@ -92,23 +65,13 @@ impl DaemonConfig {
     /// the daemon's defaults, `RUST_LOG=info`. The files are not checked.
     pub fn with_model((model, tokenizer): (PathBuf, PathBuf)) -> Self {
         Self {
-            workers: 2,
-            model,
-            tokenizer,
+            config: Config {
+                workers: 2,
+                model,
+                tokenizer,
+                ..Config::default()
+            },
             socket: None,
-            worker_binary: None,
-            max_seq_len: None,
-            normalize: None,
-            queue_capacity: None,
-            max_frame_bytes: None,
-            max_texts: None,
-            max_text_bytes: None,
-            request_timeout_ms: None,
-            default_deadline_ms: None,
-            drain_timeout_ms: None,
-            crash_marker: None,
-            extra: toml::Table::new(),
-            extra_chaos: toml::Table::new(),
             env: Vec::new(),
             listen_socket: None,
             rust_log: "info".into(),
@@ -117,17 +80,24 @@ impl DaemonConfig {
         }
     }
 
-    /// Sets the pool size.
-    pub fn workers(mut self, workers: u32) -> Self {
-        self.workers = workers;
+    /// Changes the daemon's configuration, e.g.
+    /// `.with(|c| c.soft_limit = Some(ByteSize::mib(300)))`.
+    pub fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(&mut self.config);
         self
     }
 
+    /// Sets the pool size.
+    pub fn workers(self, workers: u32) -> Self {
+        self.with(|c| c.workers = workers)
+    }
+
     /// Serves another model, given as `(model.onnx, tokenizer.json)`.
-    pub fn model(mut self, (model, tokenizer): (PathBuf, PathBuf)) -> Self {
-        self.model = model;
-        self.tokenizer = tokenizer;
-        self
+    pub fn model(self, (model, tokenizer): (PathBuf, PathBuf)) -> Self {
+        self.with(|c| {
+            c.model = model;
+            c.tokenizer = tokenizer;
+        })
     }
 
     /// Uses this socket path instead of one in the daemon's temp dir.
@@ -137,84 +107,73 @@ impl DaemonConfig {
     }
 
     /// Sets `worker_binary`.
-    pub fn worker_binary(mut self, path: impl Into<PathBuf>) -> Self {
-        self.worker_binary = Some(path.into());
-        self
+    pub fn worker_binary(self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        self.with(|c| c.worker_binary = path)
     }
 
     /// Sets `max_seq_len`.
-    pub fn max_seq_len(mut self, tokens: usize) -> Self {
-        self.max_seq_len = Some(tokens);
-        self
+    pub fn max_seq_len(self, tokens: usize) -> Self {
+        self.with(|c| c.max_seq_len = tokens)
     }
 
     /// Sets `normalize`.
-    pub fn normalize(mut self, normalize: bool) -> Self {
-        self.normalize = Some(normalize);
-        self
+    pub fn normalize(self, normalize: bool) -> Self {
+        self.with(|c| c.normalize = normalize)
     }
 
     /// Sets `queue_capacity`.
-    pub fn queue_capacity(mut self, capacity: u32) -> Self {
-        self.queue_capacity = Some(capacity);
-        self
+    pub fn queue_capacity(self, capacity: usize) -> Self {
+        self.with(|c| c.queue_capacity = capacity)
     }
 
     /// Sets `max_frame_bytes`.
-    pub fn max_frame_bytes(mut self, bytes: u64) -> Self {
-        self.max_frame_bytes = Some(bytes);
-        self
+    pub fn max_frame_bytes(self, bytes: usize) -> Self {
+        self.with(|c| c.max_frame_bytes = bytes)
     }
 
     /// Sets `max_texts`.
-    pub fn max_texts(mut self, texts: u32) -> Self {
-        self.max_texts = Some(texts);
-        self
+    pub fn max_texts(self, texts: usize) -> Self {
+        self.with(|c| c.max_texts = texts)
     }
 
     /// Sets `max_text_bytes`.
-    pub fn max_text_bytes(mut self, bytes: u64) -> Self {
-        self.max_text_bytes = Some(bytes);
-        self
+    pub fn max_text_bytes(self, bytes: usize) -> Self {
+        self.with(|c| c.max_text_bytes = bytes)
     }
 
     /// Sets `request_timeout_ms`.
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout_ms = Some(millis(timeout));
-        self
+    pub fn request_timeout(self, timeout: Duration) -> Self {
+        self.with(|c| c.request_timeout_ms = millis(timeout))
     }
 
     /// Sets `default_deadline_ms`.
-    pub fn default_deadline(mut self, deadline: Duration) -> Self {
-        self.default_deadline_ms = Some(millis(deadline));
-        self
+    pub fn default_deadline(self, deadline: Duration) -> Self {
+        self.with(|c| c.default_deadline_ms = millis(deadline))
     }
 
     /// Sets `drain_timeout_ms`.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout_ms = Some(millis(timeout));
-        self
+    pub fn drain_timeout(self, timeout: Duration) -> Self {
+        self.with(|c| c.drain_timeout_ms = millis(timeout))
     }
 
     /// Enables `[chaos] crash_marker`: a worker given a text equal to
     /// `marker` aborts.
-    pub fn crash_marker(mut self, marker: impl Into<String>) -> Self {
-        self.crash_marker = Some(marker.into());
-        self
+    pub fn crash_marker(self, marker: impl Into<String>) -> Self {
+        let marker = marker.into();
+        self.with(|c| c.chaos.crash_marker = Some(marker))
     }
 
-    /// Sets any other top-level config key, e.g.
-    /// `.set("soft_limit", "300MiB")`.
-    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
-        self.extra.insert(key.into(), value.into());
-        self
+    /// Enables `[chaos] hang_marker`: a worker given a text equal to
+    /// `marker` never answers.
+    pub fn hang_marker(self, marker: impl Into<String>) -> Self {
+        let marker = marker.into();
+        self.with(|c| c.chaos.hang_marker = Some(marker))
     }
 
-    /// Sets any other `[chaos]` key, e.g.
-    /// `.chaos("leak_bytes_per_request", 2 << 20)`.
-    pub fn chaos(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
-        self.extra_chaos.insert(key.into(), value.into());
-        self
+    /// Enables `[chaos] leak_bytes_per_request`.
+    pub fn leak_per_request(self, bytes: u64) -> Self {
+        self.with(|c| c.chaos.leak_bytes_per_request = bytes)
     }
 
     /// Sets an environment variable for the daemon.
@@ -250,81 +209,19 @@ impl DaemonConfig {
         self
     }
 
-    /// The config file's text for a daemon listening on `socket`.
+    /// The config file's text for a daemon listening on `socket`: the
+    /// daemon's own [`Config`], serialised.
     pub fn to_toml(&self, socket: &Path) -> String {
-        let file = ConfigFile {
-            socket,
-            workers: self.workers,
-            model: &self.model,
-            tokenizer: &self.tokenizer,
-            worker_binary: self.worker_binary.as_deref(),
-            max_seq_len: self.max_seq_len,
-            normalize: self.normalize,
-            queue_capacity: self.queue_capacity,
-            max_frame_bytes: self.max_frame_bytes,
-            max_texts: self.max_texts,
-            max_text_bytes: self.max_text_bytes,
-            request_timeout_ms: self.request_timeout_ms,
-            default_deadline_ms: self.default_deadline_ms,
-            drain_timeout_ms: self.drain_timeout_ms,
-            chaos: self
-                .crash_marker
-                .as_deref()
-                .map(|m| Chaos { crash_marker: m }),
+        let config = Config {
+            socket: socket.to_owned(),
+            ..self.config.clone()
         };
-        let mut table = toml::Table::try_from(&file).expect("the test config serialises to TOML");
-        table.extend(self.extra.clone());
-        if !self.extra_chaos.is_empty() {
-            let chaos = table
-                .entry("chaos")
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let toml::Value::Table(chaos) = chaos {
-                chaos.extend(self.extra_chaos.clone());
-            }
-        }
-        toml::to_string(&table).expect("the test config serialises to TOML")
+        toml::to_string(&config).expect("the daemon's config serialises to TOML")
     }
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The TOML layout the daemon reads (keys exactly as it expects them).
-#[derive(Serialize)]
-struct ConfigFile<'a> {
-    socket: &'a Path,
-    workers: u32,
-    model: &'a Path,
-    tokenizer: &'a Path,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    worker_binary: Option<&'a Path>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_seq_len: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    normalize: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    queue_capacity: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_frame_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_texts: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_text_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_timeout_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    default_deadline_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    drain_timeout_ms: Option<u64>,
-    /// A table: must stay the last field so TOML puts it after the values.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    chaos: Option<Chaos<'a>>,
-}
-
-#[derive(Serialize)]
-struct Chaos<'a> {
-    crash_marker: &'a str,
 }
 
 /// Number of workers in state "ready".
@@ -479,7 +376,7 @@ impl Daemon {
     /// Waits (bounded by the config's `ready_timeout`) until the socket
     /// answers status with `workers` workers in state "ready".
     pub async fn wait_ready(&self) -> PoolStatus {
-        let want = self.config.workers as usize;
+        let want = self.config.config.workers as usize;
         let deadline = Instant::now() + self.config.ready_timeout;
         loop {
             if let Some(status) = self.exit_status() {
@@ -714,9 +611,14 @@ mod tests {
         assert_eq!(value["max_texts"].as_integer(), Some(8));
         assert_eq!(value["request_timeout_ms"].as_integer(), Some(2000));
         assert_eq!(value["chaos"]["crash_marker"].as_str(), Some("__crash__"));
-        assert!(
-            !value.contains_key("normalize"),
-            "unset keys stay out: {text}"
+        // What the daemon reads back is the configuration the test built.
+        let read: Config = toml::from_str(&text).expect("the daemon's own format");
+        assert_eq!(
+            read,
+            Config {
+                socket: "/tmp/x/inferd.sock".into(),
+                ..config.config
+            }
         );
     }
 }

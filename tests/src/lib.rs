@@ -49,9 +49,12 @@ pub fn skipped_without_cgroups(test: &str, reason: &str) {
     skipped(test, reason);
 }
 
+pub use bytesize::ByteSize;
 pub use inferd_client::{Client, ClientError};
 pub use inferd_proto::{
     EmbedResult, ErrorKind, ExitKind, PoolStatus, RecycleTrigger, RefusalReason, RequestError,
     RollReport, RollState, WorkerStateKind, WorkerStatus,
 };
+pub use inferd_supervisor::config::{CgroupMode, MemoryMetric};
+pub use inferd_supervisor::Config;
 pub use nix::sys::signal::Signal;

@@ -346,12 +346,8 @@ async fn declared_lengths_beyond_the_frame_close_only_that_connection() {
 #[tokio::test]
 async fn refused_peer_is_told_why_before_its_frames_are_read() {
     let own = nix::unistd::getuid().as_raw();
-    let mut access = toml::Table::new();
-    access.insert(
-        "allowed_uids".into(),
-        toml::Value::Array(vec![toml::Value::Integer(i64::from(own) + 4242)]),
-    );
-    let daemon = Daemon::spawn(DaemonConfig::new().set("access", toml::Value::Table(access)));
+    let daemon =
+        Daemon::spawn(DaemonConfig::new().with(|c| c.access.allowed_uids = vec![own + 4242]));
     daemon
         .wait_for_log("worker ready", Duration::from_secs(60))
         .await;

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::process::{Output, Stdio};
 
+use inferd_tests::ByteSize;
 use inferd_tests::{
     max_abs_diff, model_files, ready_count, reference, test_model_name, ClientError, Daemon,
     DaemonConfig, RequestError, DEFAULT_MODEL, SMALL_MODEL, TOLERANCE,
@@ -227,7 +228,7 @@ async fn requests_past_16_mib_within_raised_limits_reach_the_worker() {
             .max_frame_bytes(48 << 20)
             .max_texts(2)
             .max_text_bytes(20 << 20)
-            .set("max_queued_bytes", "64MiB"),
+            .with(|c| c.max_queued_bytes = ByteSize::mib(64)),
     )
     .await;
     let big = "a long request ".repeat((17 << 20) / 15 + 1);

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use inferd_proto::{decode_payload, encode_frame, ClientMessage, Hello, ServerMessage};
+use inferd_tests::ByteSize;
 use inferd_tests::{
     sample_texts, serving_count, wait_pids_gone, worker_pids, BackgroundLoad, Client, ClientError,
     Daemon, DaemonConfig, Expected, PoolStatus, RawConn, RequestError, Signal, POLL_INTERVAL,
@@ -534,13 +535,11 @@ async fn neighbour_uid_cannot_lock_others_out() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod the socket dir");
     let socket = dir.path().join("inferd.sock");
-    let daemon = Daemon::start(
-        DaemonConfig::new()
-            .socket(&socket)
-            .set("socket_mode", "0666")
-            .set("max_connections", 200)
-            .set("max_connections_per_uid", i64::from(PER_UID_CAP)),
-    )
+    let daemon = Daemon::start(DaemonConfig::new().socket(&socket).with(|c| {
+        c.socket_mode = "0666".into();
+        c.max_connections = 200;
+        c.max_connections_per_uid = PER_UID_CAP;
+    }))
     .await;
 
     let hello = encode_frame(&Hello::new("neighbour")).expect("encode hello");
@@ -933,7 +932,7 @@ async fn announced_frames_and_a_full_queue_stay_within_memory_bounds() {
         DaemonConfig::new()
             .workers(2)
             .max_seq_len(32)
-            .set("max_queued_bytes", "16MiB"),
+            .with(|c| c.max_queued_bytes = ByteSize::mib(16)),
     )
     .await;
     let pid = daemon.pid();
@@ -1102,10 +1101,9 @@ const FRAME_BUDGET: u64 = 16 * MIB;
 #[tokio::test]
 async fn frames_still_arriving_share_one_budget() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start(
-        DaemonConfig::new().set("max_queued_bytes", format!("{}MiB", FRAME_BUDGET / MIB)),
-    )
-    .await;
+    let daemon =
+        Daemon::start(DaemonConfig::new().with(|c| c.max_queued_bytes = ByteSize::b(FRAME_BUDGET)))
+            .await;
     let pid = daemon.pid();
     let mut watcher = daemon.client().await;
     watcher
@@ -1178,10 +1176,9 @@ async fn frames_still_arriving_share_one_budget() {
 #[tokio::test]
 async fn http_bodies_still_arriving_share_the_same_budget() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start(
-        DaemonConfig::new().set("max_queued_bytes", format!("{}MiB", FRAME_BUDGET / MIB)),
-    )
-    .await;
+    let daemon =
+        Daemon::start(DaemonConfig::new().with(|c| c.max_queued_bytes = ByteSize::b(FRAME_BUDGET)))
+            .await;
     let pid = daemon.pid();
     let mut watcher = daemon.client().await;
     watcher

@@ -441,7 +441,7 @@ async fn timeouts_overload_and_lost_workers_reach_http_clients() {
             .queue_capacity(1)
             .request_timeout(Duration::from_secs(2))
             .crash_marker("boom")
-            .chaos("hang_marker", "hang"),
+            .hang_marker("hang"),
     )
     .await;
     let socket = daemon.socket_path().to_owned();
@@ -545,15 +545,10 @@ async fn health_info_models_and_metrics() {
 #[tokio::test]
 async fn metrics_need_control_access() {
     let own = nix::unistd::getuid().as_raw();
-    let mut access = toml::Table::new();
-    access.insert(
-        "control_uids".into(),
-        toml::Value::Array(vec![toml::Value::Integer(i64::from(own) + 4242)]),
-    );
     let daemon = Daemon::start(
         DaemonConfig::new()
             .workers(1)
-            .set("access", toml::Value::Table(access)),
+            .with(|c| c.access.control_uids = vec![own + 4242]),
     )
     .await;
     let body = get(daemon.socket_path(), "/metrics").tei_error(403);
@@ -744,8 +739,10 @@ async fn tcp_listener_needs_a_key_and_serves_the_same_api() {
         DaemonConfig::new()
             .max_seq_len(reference.max_seq_len)
             .normalize(reference.normalize)
-            .set("http_listen", format!("127.0.0.1:{port}"))
-            .set("api_keys_file", keys_file.display().to_string()),
+            .with(|c| {
+                c.http_listen = Some(([127, 0, 0, 1], port).into());
+                c.api_keys_file = Some(keys_file.clone());
+            }),
     )
     .await;
     let base = format!("http://127.0.0.1:{port}");
@@ -851,7 +848,7 @@ async fn openai_token_ids_are_read_as_cl100k_and_aliases_name_the_model() {
         DaemonConfig::new()
             .max_seq_len(reference.max_seq_len)
             .normalize(reference.normalize)
-            .set("model_aliases", vec!["text-embedding-3-small".to_owned()]),
+            .with(|c| c.model_aliases = vec!["text-embedding-3-small".to_owned()]),
     )
     .await;
     let socket = daemon.socket_path();
@@ -927,11 +924,10 @@ async fn answers_say_where_the_time_went() {
 #[tokio::test]
 async fn refused_http_clients_get_an_http_answer() {
     let port = free_port();
-    let daemon = Daemon::start(
-        DaemonConfig::new()
-            .set("max_connections_per_uid", 1)
-            .set("http_listen", format!("127.0.0.1:{port}")),
-    )
+    let daemon = Daemon::start(DaemonConfig::new().with(|c| {
+        c.max_connections_per_uid = 1;
+        c.http_listen = Some(([127, 0, 0, 1], port).into());
+    }))
     .await;
     let socket = daemon.socket_path();
     let base = format!("http://127.0.0.1:{port}");

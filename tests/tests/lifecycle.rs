@@ -110,7 +110,7 @@ async fn a_second_sigterm_cuts_the_drain_short() {
             .request_timeout(Duration::from_secs(120))
             .default_deadline(Duration::from_secs(120))
             .drain_timeout(Duration::from_secs(120))
-            .chaos("hang_marker", "__hang__"),
+            .hang_marker("__hang__"),
     )
     .await;
     let status = daemon.status().await;

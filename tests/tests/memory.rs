@@ -13,6 +13,7 @@ use inferd_tests::{
     ready_count, sample_texts, serving_count, BackgroundLoad, Client, ClientError, Daemon,
     DaemonConfig, Expected, PoolStatus, RequestError, POLL_INTERVAL,
 };
+use inferd_tests::{ByteSize, CgroupMode};
 use inferd_tests::{ErrorKind, ExitKind, RecycleTrigger, WorkerStateKind};
 
 const MIB: u64 = 1 << 20;
@@ -164,10 +165,12 @@ async fn leaking_workers_are_recycled_without_a_failed_request() {
     let hard = 700 * MIB;
     let daemon = Daemon::start(
         DaemonConfig::new()
-            .set("soft_limit", "250MiB")
-            .set("hard_limit", "700MiB")
-            .set("min_lifetime_ms", 500)
-            .chaos("leak_bytes_per_request", (2 * MIB) as i64),
+            .with(|c| {
+                c.soft_limit = Some(ByteSize::mib(250));
+                c.hard_limit = Some(ByteSize::mib(700));
+                c.min_lifetime_ms = 500;
+            })
+            .leak_per_request(2 * MIB),
     )
     .await;
     let samples = run_monitored(&daemon, 2000).await;
@@ -225,8 +228,8 @@ async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
     let daemon = Daemon::start(
         DaemonConfig::new()
             .workers(1)
-            .set("hard_limit", "320MiB")
-            .chaos("leak_bytes_per_request", (8 * MIB) as i64),
+            .with(|c| c.hard_limit = Some(ByteSize::mib(320)))
+            .leak_per_request(8 * MIB),
     )
     .await;
     let status = daemon.status().await;
@@ -277,9 +280,11 @@ async fn supervisor_hard_limit_kill_is_never_called_oom() {
     let daemon = Daemon::start(
         DaemonConfig::new()
             .workers(1)
-            .set("cgroups", "off")
-            .set("hard_limit", "260MiB")
-            .chaos("leak_bytes_per_request", (4 * MIB) as i64),
+            .with(|c| {
+                c.cgroups = CgroupMode::Off;
+                c.hard_limit = Some(ByteSize::mib(260));
+            })
+            .leak_per_request(4 * MIB),
     )
     .await;
     let (_, status) = request_until_exit(&daemon, ExitKind::KilledBySupervisor).await;
@@ -301,7 +306,7 @@ async fn hung_worker_is_killed_at_request_timeout() {
     let daemon = Daemon::start(
         DaemonConfig::new()
             .request_timeout(Duration::from_secs(2))
-            .chaos("hang_marker", "__hang__"),
+            .hang_marker("__hang__"),
     )
     .await;
     let expected = Expected::compute(&daemon, &sample_texts()).await;
@@ -349,12 +354,10 @@ async fn hung_worker_is_killed_at_request_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_requests_recycles_one_worker_at_a_time() {
-    let daemon = Daemon::start(
-        DaemonConfig::new()
-            .workers(4)
-            .set("max_requests", 40)
-            .set("min_lifetime_ms", 200),
-    )
+    let daemon = Daemon::start(DaemonConfig::new().workers(4).with(|c| {
+        c.max_requests = Some(40);
+        c.min_lifetime_ms = 200;
+    }))
     .await;
     let expected = Expected::compute(&daemon, &sample_texts()).await;
     let monitor = Monitor::start(&daemon);
@@ -470,7 +473,7 @@ async fn client_deadlines_hold_for_running_and_queued_requests() {
         DaemonConfig::new()
             .workers(1)
             .request_timeout(Duration::from_secs(30))
-            .chaos("hang_marker", "__hang__"),
+            .hang_marker("__hang__"),
     )
     .await;
     let socket = daemon.socket_path().to_path_buf();

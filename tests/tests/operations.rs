@@ -244,8 +244,10 @@ async fn inferctl_roll_fails_cleanly_when_new_workers_cannot_start() {
 async fn sighup_to_a_broken_model_keeps_the_old_config_for_every_worker() {
     let daemon = Daemon::start(DaemonConfig::new()).await;
     let before = worker_pids(&daemon.status().await);
-    let broken =
-        DaemonConfig::new().model((not_a_model(&daemon), daemon.config().tokenizer.clone()));
+    let broken = DaemonConfig::new().model((
+        not_a_model(&daemon),
+        daemon.config().config.tokenizer.clone(),
+    ));
     std::fs::write(daemon.config_path(), broken.to_toml(daemon.socket_path()))
         .expect("write the new config");
     daemon.signal(Signal::SIGHUP);
@@ -283,7 +285,7 @@ async fn sighup_to_a_missing_model_is_refused_before_any_roll() {
     let daemon = Daemon::start(DaemonConfig::new()).await;
     let before = worker_pids(&daemon.status().await);
     let missing = daemon.dir().join("no-such-model.onnx");
-    let config = DaemonConfig::new().model((missing, daemon.config().tokenizer.clone()));
+    let config = DaemonConfig::new().model((missing, daemon.config().config.tokenizer.clone()));
     std::fs::write(daemon.config_path(), config.to_toml(daemon.socket_path()))
         .expect("write the new config");
     daemon.signal(Signal::SIGHUP);
@@ -296,24 +298,11 @@ async fn sighup_to_a_missing_model_is_refused_before_any_roll() {
     assert!(status.roll.is_none(), "no roll began: {:?}", status.roll);
 }
 
-fn access(table: &[(&str, Vec<u32>)]) -> toml::Value {
-    let mut access = toml::Table::new();
-    for (key, ids) in table {
-        let ids = ids
-            .iter()
-            .map(|id| toml::Value::Integer(i64::from(*id)))
-            .collect();
-        access.insert((*key).into(), toml::Value::Array(ids));
-    }
-    toml::Value::Table(access)
-}
-
 #[tokio::test]
 async fn uid_outside_the_allow_list_is_refused() {
     let own = nix::unistd::getuid().as_raw();
-    let daemon = Daemon::spawn(
-        DaemonConfig::new().set("access", access(&[("allowed_uids", vec![own + 4242])])),
-    );
+    let daemon =
+        Daemon::spawn(DaemonConfig::new().with(|c| c.access.allowed_uids = vec![own + 4242]));
     daemon
         .wait_for_log("worker ready", Duration::from_secs(60))
         .await;
@@ -373,7 +362,7 @@ async fn a_reload_that_drops_a_uid_closes_its_open_connections() {
     let config = daemon
         .config()
         .clone()
-        .set("access", access(&[("allowed_uids", vec![own + 4242])]));
+        .with(|c| c.access.allowed_uids = vec![own + 4242]);
     std::fs::write(daemon.config_path(), config.to_toml(daemon.socket_path()))
         .expect("write the new config");
     daemon.signal(Signal::SIGHUP);
@@ -401,10 +390,8 @@ async fn a_reload_that_drops_a_uid_closes_its_open_connections() {
 #[tokio::test]
 async fn control_operations_can_be_restricted_separately() {
     let own = nix::unistd::getuid().as_raw();
-    let daemon = Daemon::start(
-        DaemonConfig::new().set("access", access(&[("control_uids", vec![own + 4242])])),
-    )
-    .await;
+    let daemon =
+        Daemon::start(DaemonConfig::new().with(|c| c.access.control_uids = vec![own + 4242])).await;
     let mut client = daemon.client().await;
     client
         .embed(vec!["users may embed".into()], None)
@@ -466,7 +453,10 @@ async fn metrics_are_valid_prometheus_text() {
 
 #[tokio::test]
 async fn metrics_are_served_over_loopback_http_when_configured() {
-    let daemon = Daemon::start(DaemonConfig::new().set("metrics_listen", "127.0.0.1:0")).await;
+    let daemon = Daemon::start(
+        DaemonConfig::new().with(|c| c.metrics_listen = Some(([127, 0, 0, 1], 0).into())),
+    )
+    .await;
     let log = daemon
         .wait_for_log("metrics on http://", Duration::from_secs(10))
         .await;
