@@ -3,6 +3,74 @@
 
 use super::*;
 
+/// Failure of an operation on one worker's leaf; each variant names it.
+#[derive(Debug, thiserror::Error)]
+pub enum LeafError {
+    /// The leaf name is not a plain directory name we accept.
+    #[error("invalid cgroup leaf name {name:?}: {reason}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// mkdir of a leaf (or of the supervisor leaf) failed.
+    #[error("cannot create cgroup {path}")]
+    CreateLeaf {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the memory limit failed.
+    #[error("cannot set the memory limit in {path}")]
+    SetLimit {
+        /// The control file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Moving a process into a leaf failed.
+    #[error("cannot move process {pid} into {path}")]
+    AddProcess {
+        /// The process.
+        pid: Pid,
+        /// The `cgroup.procs` file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading a counter file failed.
+    #[error("cannot read {path}")]
+    ReadCounter {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A counter file has no line for the key (kernel too old).
+    #[error("{path} has no `{key}` line")]
+    MissingCounter {
+        /// The file.
+        path: PathBuf,
+        /// The key looked for.
+        key: &'static str,
+    },
+    /// rmdir of a leaf failed (after retrying while it was busy).
+    #[error("cannot remove cgroup {path}")]
+    RemoveLeaf {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error of the last attempt.
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// One worker's cgroup. Dropping it removes the directory (best effort,
 /// bounded); [`Leaf::remove`] does the same and reports the outcome.
 #[derive(Debug)]
@@ -28,9 +96,9 @@ impl Leaf {
 
     /// Moves `pid` (all its threads) into the leaf. Do it before the process
     /// allocates: pages stay charged where they were faulted in.
-    pub fn add_process(&self, pid: Pid) -> Result<(), CgroupError> {
+    pub fn add_process(&self, pid: Pid) -> Result<(), LeafError> {
         let path = self.path.join("cgroup.procs");
-        fs::write(&path, pid.as_raw().to_string()).map_err(|source| CgroupError::AddProcess {
+        fs::write(&path, pid.as_raw().to_string()).map_err(|source| LeafError::AddProcess {
             pid,
             path,
             source,
@@ -41,16 +109,16 @@ impl Leaf {
     /// created (or since a crashed run created it, if it was reused). Ask
     /// whether it *rose* since a reading taken when the worker started, not
     /// by how much: it counts kill events, which need not be one per process.
-    pub fn oom_kills(&self) -> Result<u64, CgroupError> {
+    pub fn oom_kills(&self) -> Result<u64, LeafError> {
         let path = self.path.join(match self.version {
             CgroupVersion::V1 => "memory.oom_control",
             CgroupVersion::V2 => "memory.events",
         });
-        let text = fs::read_to_string(&path).map_err(|source| CgroupError::ReadCounter {
+        let text = fs::read_to_string(&path).map_err(|source| LeafError::ReadCounter {
             path: path.clone(),
             source,
         })?;
-        keyed_value(&text, "oom_kill").ok_or(CgroupError::MissingCounter {
+        keyed_value(&text, "oom_kill").ok_or(LeafError::MissingCounter {
             path,
             key: "oom_kill",
         })
@@ -78,9 +146,9 @@ impl Leaf {
 
     /// Removes the leaf directory, waiting at most [`REMOVE_TIMEOUT`] for a
     /// dying process to leave. A leaf that is already gone counts as removed.
-    pub fn remove(mut self) -> Result<(), CgroupError> {
+    pub fn remove(mut self) -> Result<(), LeafError> {
         self.removed = true;
-        remove_dir_bounded(&self.path).map_err(|source| CgroupError::RemoveLeaf {
+        remove_dir_bounded(&self.path).map_err(|source| LeafError::RemoveLeaf {
             path: self.path.clone(),
             source,
         })
@@ -88,7 +156,7 @@ impl Leaf {
 
     /// Writes the limit files; v1 also lifts the swap limit first so the
     /// memory limit may rise (v1 requires memory <= memory+swap).
-    pub(super) fn set_limit(&self, limit_bytes: u64) -> Result<(), CgroupError> {
+    pub(super) fn set_limit(&self, limit_bytes: u64) -> Result<(), LeafError> {
         let limit = limit_bytes.to_string();
         match self.version {
             CgroupVersion::V1 => {

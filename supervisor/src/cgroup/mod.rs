@@ -92,7 +92,7 @@ mod v2;
 
 use detect::{detect_at, detect_own};
 use leaf::remove_dir_bounded;
-pub use leaf::Leaf;
+pub use leaf::{Leaf, LeafError};
 use v2::prepare_v2;
 
 use std::ffi::{CStr, CString};
@@ -153,77 +153,15 @@ pub enum CgroupVersion {
     V2,
 }
 
-/// Failure of a cgroup operation; each variant names the operation.
+/// Failure to make the detected cgroup ready for worker leaves
+/// ([`CgroupSupport::prepare`]).
 #[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
+pub enum SetupError {
     /// `prepare` was called although detection found no usable cgroup.
     #[error("memory cgroups unavailable: {reason}")]
     Unavailable {
         /// What detection said.
         reason: String,
-    },
-    /// The leaf name is not a plain directory name we accept.
-    #[error("invalid cgroup leaf name {name:?}: {reason}")]
-    InvalidName {
-        /// The rejected name.
-        name: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// mkdir of a leaf (or of the supervisor leaf) failed.
-    #[error("cannot create cgroup {path}")]
-    CreateLeaf {
-        /// The directory.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// Writing the memory limit failed.
-    #[error("cannot set the memory limit in {path}")]
-    SetLimit {
-        /// The control file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// Moving a process into a leaf failed.
-    #[error("cannot move process {pid} into {path}")]
-    AddProcess {
-        /// The process.
-        pid: Pid,
-        /// The `cgroup.procs` file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// Reading a counter file failed.
-    #[error("cannot read {path}")]
-    ReadCounter {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// A counter file has no line for the key (kernel too old).
-    #[error("{path} has no `{key}` line")]
-    MissingCounter {
-        /// The file.
-        path: PathBuf,
-        /// The key looked for.
-        key: &'static str,
-    },
-    /// rmdir of a leaf failed (after retrying while it was busy).
-    #[error("cannot remove cgroup {path}")]
-    RemoveLeaf {
-        /// The directory.
-        path: PathBuf,
-        /// The OS error of the last attempt.
-        #[source]
-        source: io::Error,
     },
     /// Reading the processes of the v2 parent cgroup failed.
     #[error("cannot list the processes in {path}")]
@@ -261,6 +199,15 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    /// mkdir of the v2 supervisor leaf failed.
+    #[error("cannot create the supervisor cgroup {path}")]
+    CreateSupervisorLeaf {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Finds a memory cgroup this process can create worker leaves in.
@@ -283,7 +230,7 @@ impl CgroupSupport {
     /// Makes the detected cgroup ready to hold worker leaves. v1: nothing to
     /// do. v2: moves the supervisor into `<parent>/supervisor` and enables
     /// the memory controller for `<parent>`'s children.
-    pub fn prepare(&self) -> Result<Cgroups, CgroupError> {
+    pub fn prepare(&self) -> Result<Cgroups, SetupError> {
         match self {
             Self::V1 { parent } => Ok(Cgroups {
                 version: CgroupVersion::V1,
@@ -296,7 +243,7 @@ impl CgroupSupport {
                     parent: parent.clone(),
                 })
             }
-            Self::Unavailable { reason } => Err(CgroupError::Unavailable {
+            Self::Unavailable { reason } => Err(SetupError::Unavailable {
                 reason: reason.clone(),
             }),
         }
@@ -326,7 +273,7 @@ impl Cgroups {
     /// Creates the leaf `<parent>/<name>` with memory limit `limit_bytes`
     /// (and no swap where swap is accounted). A leftover leaf of the same
     /// name is removed first, or reused if a process still holds it.
-    pub fn create_leaf(&self, name: &str, limit_bytes: u64) -> Result<Leaf, CgroupError> {
+    pub fn create_leaf(&self, name: &str, limit_bytes: u64) -> Result<Leaf, LeafError> {
         validate_name(name)?;
         let path = self.parent.join(name);
         match fs::create_dir(&path) {
@@ -335,7 +282,7 @@ impl Cgroups {
                 // Left by a crashed run (names never collide with control
                 // files, so this is a directory).
                 match remove_dir_bounded(&path) {
-                    Ok(()) => fs::create_dir(&path).map_err(|source| CgroupError::CreateLeaf {
+                    Ok(()) => fs::create_dir(&path).map_err(|source| LeafError::CreateLeaf {
                         path: path.clone(),
                         source,
                     })?,
@@ -344,7 +291,7 @@ impl Cgroups {
                     }
                 }
             }
-            Err(source) => return Err(CgroupError::CreateLeaf { path, source }),
+            Err(source) => return Err(LeafError::CreateLeaf { path, source }),
         }
         // From here on the leaf is ours: dropping it on error removes it.
         let leaf = Leaf {
@@ -384,8 +331,8 @@ fn read_u64(path: &Path) -> Option<u64> {
 }
 
 /// Writes a limit that must take effect.
-fn write_limit(path: &Path, value: &str) -> Result<(), CgroupError> {
-    fs::write(path, value).map_err(|source| CgroupError::SetLimit {
+fn write_limit(path: &Path, value: &str) -> Result<(), LeafError> {
+    fs::write(path, value).map_err(|source| LeafError::SetLimit {
         path: path.to_path_buf(),
         source,
     })
@@ -403,9 +350,9 @@ fn write_optional(path: &Path, value: &str) {
 
 /// Leaf names are single plain path components that cannot collide with a
 /// control file (`memory.*`, `cgroup.*`) or the supervisor leaf.
-fn validate_name(name: &str) -> Result<(), CgroupError> {
+fn validate_name(name: &str) -> Result<(), LeafError> {
     let invalid = |reason| {
-        Err(CgroupError::InvalidName {
+        Err(LeafError::InvalidName {
             name: name.to_owned(),
             reason,
         })

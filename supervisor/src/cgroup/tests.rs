@@ -130,7 +130,7 @@ fn adding_a_missing_process_fails() {
     let err = leaf
         .add_process(Pid::from_raw(i32::MAX))
         .expect_err("no such process");
-    assert!(matches!(err, CgroupError::AddProcess { .. }), "{err:?}");
+    assert!(matches!(err, LeafError::AddProcess { .. }), "{err:?}");
     leaf.remove().expect("remove leaf");
 }
 
@@ -145,7 +145,7 @@ fn invalid_leaf_names_are_rejected() {
         SUPERVISOR_LEAF,
     ] {
         assert!(
-            matches!(validate_name(name), Err(CgroupError::InvalidName { .. })),
+            matches!(validate_name(name), Err(LeafError::InvalidName { .. })),
             "{name:?} accepted"
         );
     }
@@ -253,7 +253,7 @@ fn prepare_without_support_fails() {
     };
     assert!(matches!(
         support.prepare(),
-        Err(CgroupError::Unavailable { .. })
+        Err(SetupError::Unavailable { .. })
     ));
 }
 

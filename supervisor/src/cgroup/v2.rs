@@ -6,7 +6,7 @@ use super::*;
 
 /// v2: empty the parent of processes (into the supervisor leaf) and enable
 /// the memory controller for its children.
-pub(super) fn prepare_v2(parent: &Path) -> Result<(), CgroupError> {
+pub(super) fn prepare_v2(parent: &Path) -> Result<(), SetupError> {
     let procs_file = parent.join("cgroup.procs");
     let own = nix::unistd::getpid();
     for _ in 0..MOVE_SWEEPS {
@@ -21,14 +21,14 @@ pub(super) fn prepare_v2(parent: &Path) -> Result<(), CgroupError> {
         let ours = procs.contains(&own)
             || read_pids(&leaf.join("cgroup.procs")).is_ok_and(|moved| moved.contains(&own));
         if !ours {
-            return Err(CgroupError::ForeignProcesses {
+            return Err(SetupError::ForeignProcesses {
                 path: parent.to_path_buf(),
             });
         }
         match fs::create_dir(&leaf) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(source) => return Err(CgroupError::CreateLeaf { path: leaf, source }),
+            Err(source) => return Err(SetupError::CreateSupervisorLeaf { path: leaf, source }),
         }
         let target = leaf.join("cgroup.procs");
         // Ourselves first: the supervisor must end up in the leaf even if a
@@ -40,7 +40,7 @@ pub(super) fn prepare_v2(parent: &Path) -> Result<(), CgroupError> {
                 // Exited meanwhile.
                 Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {}
                 Err(source) => {
-                    return Err(CgroupError::MoveSupervisor {
+                    return Err(SetupError::MoveSupervisor {
                         pid,
                         path: target,
                         source,
@@ -53,7 +53,7 @@ pub(super) fn prepare_v2(parent: &Path) -> Result<(), CgroupError> {
     let enabled = fs::read_to_string(&subtree)
         .is_ok_and(|text| text.split_whitespace().any(|c| c == "memory"));
     if !enabled {
-        fs::write(&subtree, "+memory").map_err(|source| CgroupError::EnableController {
+        fs::write(&subtree, "+memory").map_err(|source| SetupError::EnableController {
             path: subtree,
             source,
         })?;
@@ -62,8 +62,8 @@ pub(super) fn prepare_v2(parent: &Path) -> Result<(), CgroupError> {
 }
 
 /// The pids in a `cgroup.procs` file.
-fn read_pids(path: &Path) -> Result<Vec<Pid>, CgroupError> {
-    let text = fs::read_to_string(path).map_err(|source| CgroupError::ListProcesses {
+fn read_pids(path: &Path) -> Result<Vec<Pid>, SetupError> {
+    let text = fs::read_to_string(path).map_err(|source| SetupError::ListProcesses {
         path: path.to_path_buf(),
         source,
     })?;
