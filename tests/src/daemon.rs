@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use inferd_client::{format_status, Client, ClientError};
+use inferd_client::{format_status, wait_ready, Client, ClientError};
 use inferd_proto::{PoolStatus, WorkerStateKind};
 use inferd_supervisor::Config;
 use nix::sys::signal::{kill, Signal};
@@ -377,23 +377,13 @@ impl Daemon {
     /// answers status with `workers` workers in state "ready".
     pub async fn wait_ready(&self) -> PoolStatus {
         let want = self.config.config.workers as usize;
-        let deadline = Instant::now() + self.config.ready_timeout;
-        loop {
-            if let Some(status) = self.exit_status() {
-                panic!("inferd exited with {status} before its workers were ready");
-            }
-            let last = match self.try_status().await {
-                Ok(status) if ready_count(&status) == want => return status,
-                Ok(status) => format_status(&status),
-                Err(err) => format!("status failed: {err}"),
-            };
-            if Instant::now() >= deadline {
-                panic!(
-                    "inferd did not get {want} ready workers within {:?}; last status:\n{last}",
-                    self.config.ready_timeout,
-                );
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
+        let alive = || match self.exit_status() {
+            Some(status) => Err(format!("exited with {status}")),
+            None => Ok(()),
+        };
+        match wait_ready(&self.socket, want, self.config.ready_timeout, alive).await {
+            Ok(status) => status,
+            Err(err) => panic!("{err}"),
         }
     }
 

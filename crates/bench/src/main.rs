@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use inferd_client::Client;
-use inferd_client::WorkerStateKind;
+use inferd_client::{wait_ready, Client};
 use inferd_engine::{Engine, EngineConfig};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -40,6 +39,8 @@ struct Args {
     inferd: Option<PathBuf>,
 }
 
+/// Bound on the wait for a started daemon's workers to be ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const SHORT_TEXT: &str = "A man is eating food.";
 const LONG_SENTENCE: &str =
     "The quick brown fox jumps over the lazy dog near the river bank while the sun sets slowly. ";
@@ -227,7 +228,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", inferd.display()))?;
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             child,
             socket,
             _dir: dir,
@@ -241,30 +242,17 @@ impl Daemon {
     }
 
     /// Polls status (bounded) until every worker is ready.
-    fn wait_ready(&self, workers: usize) -> Result<()> {
+    fn wait_ready(&mut self, workers: usize) -> Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        runtime.block_on(async {
-            while Instant::now() < deadline {
-                if let Ok(mut client) = Client::connect(&self.socket).await {
-                    if let Ok(status) = client.status().await {
-                        if status
-                            .workers
-                            .iter()
-                            .filter(|w| w.state == WorkerStateKind::Ready)
-                            .count()
-                            == workers
-                        {
-                            return Ok(());
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            bail!("daemon not ready within 60 s")
-        })
+        let child = &mut self.child;
+        let alive = || match child.try_wait() {
+            Ok(Some(status)) => Err(format!("exited with {status}")),
+            Ok(None) | Err(_) => Ok(()),
+        };
+        runtime.block_on(wait_ready(&self.socket, workers, READY_TIMEOUT, alive))?;
+        Ok(())
     }
 }
 

@@ -27,12 +27,14 @@ use inferd_proto::{
 use tokio::net::UnixStream;
 
 mod display;
+mod ready;
 
 pub use display::format_status;
 pub use inferd_proto::{
     Counters, EmbedResult, ErrorKind, ExitKind, PoolStatus, RecycleTrigger, RefusalReason,
     RequestError, RollReport, RollState, WorkerStateKind, WorkerStatus,
 };
+pub use ready::{wait_ready, NotReady, READY_POLL};
 
 /// Program name sent in the hello by [`Client::connect`].
 pub const DEFAULT_PROGRAM: &str = "inferd-client";

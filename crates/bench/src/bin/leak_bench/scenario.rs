@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use inferd_client::{Client, Counters, PoolStatus, WorkerStateKind};
 
 use crate::daemon::Daemon;
@@ -189,44 +189,18 @@ pub(crate) async fn scenario(
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Polls status (bounded) until `workers` workers are ready.
+/// Waits (bounded) until `workers` workers are ready: the client library's
+/// readiness wait, with the daemon's log tail when it fails.
 async fn wait_ready(daemon: &mut Daemon, workers: u32, limit: Duration) -> Result<PoolStatus> {
-    let deadline = Instant::now() + limit;
-    let mut client = None;
-    let mut last = None;
-    while Instant::now() < deadline {
-        if let Some(status) = daemon.exited() {
-            bail!(
-                "inferd exited during startup ({status}); log tail:\n{}",
-                daemon.log_tail(20)
-            );
-        }
-        if let Some(status) = status_once(&mut client, &daemon.socket).await {
-            let ready = status
-                .workers
-                .iter()
-                .filter(|w| w.state == WorkerStateKind::Ready)
-                .count();
-            if ready >= workers as usize {
-                return Ok(status);
-            }
-            last = Some(format!(
-                "{ready}/{workers} ready{}",
-                status
-                    .unavailable_reason
-                    .as_deref()
-                    .map(|r| format!(", unavailable: {r}"))
-                    .unwrap_or_default()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!(
-        "inferd not ready within {} s ({}); log tail:\n{}",
-        limit.as_secs(),
-        last.as_deref().unwrap_or("status never answered"),
-        daemon.log_tail(20)
-    )
+    let socket = daemon.socket.clone();
+    let result = {
+        let alive = || match daemon.exited() {
+            Some(status) => Err(format!("exited with {status}")),
+            None => Ok(()),
+        };
+        inferd_client::wait_ready(&socket, workers as usize, limit, alive).await
+    };
+    result.map_err(|err| anyhow::anyhow!("{err}; log tail:\n{}", daemon.log_tail(20)))
 }
 
 /// One bounded status read over `client`, (re)connecting if needed; on any
