@@ -88,6 +88,8 @@ pub async fn wait_ready(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[tokio::test]
