@@ -645,6 +645,8 @@ pub struct WorkerConfig {
     pub max_seq_len: usize,
     /// L2-normalise each embedding.
     pub normalize: bool,
+    /// Embed one short text before reporting Ready.
+    pub warm_up: bool,
     /// Request size limits, checked again in the worker.
     pub limits: RequestLimits,
     /// The largest frame either end of the worker's socket accepts after
@@ -767,6 +769,7 @@ mod tests {
             tokenizer_path: "/t.json".into(),
             max_seq_len: 256,
             normalize: true,
+            warm_up: true,
             limits: RequestLimits::default(),
             max_frame_bytes: RequestLimits::default().worker_frame_bytes(256),
             chaos: ChaosOptions {

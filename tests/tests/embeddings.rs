@@ -247,3 +247,25 @@ async fn requests_past_16_mib_within_raised_limits_reach_the_worker() {
         status.recent_exits
     );
 }
+
+#[tokio::test]
+async fn a_new_worker_warms_up_before_it_is_ready_unless_told_not_to() {
+    let daemon = Daemon::start(DaemonConfig::new().workers(1)).await;
+    let log = daemon.log();
+    let warmed = log
+        .find("warm-up inference done")
+        .expect("the worker warmed up");
+    let ready = log.find("worker ready").expect("the worker is ready");
+    assert!(warmed < ready, "warm-up comes before Ready:\n{log}");
+
+    let cold = Daemon::start(DaemonConfig::new().workers(1).with(|c| c.warm_up = false)).await;
+    assert!(
+        !cold.log().contains("warm-up inference done"),
+        "warm_up = false skips it"
+    );
+    cold.client()
+        .await
+        .embed(vec!["first".into()], None)
+        .await
+        .expect("a cold worker serves too");
+}

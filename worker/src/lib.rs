@@ -4,8 +4,9 @@
 //! as fd N. The worker greets, then waits for [`WorkerCommand::Start`]: it
 //! allocates nothing big before that frame, so the supervisor can first move
 //! it into its own memory cgroup (pages stay charged to the cgroup they were
-//! allocated in). It then loads the engine, reports `Ready` (or `LoadFailed`
-//! and exits 1), and answers `Embed` commands one by one until `Shutdown` or
+//! allocated in). It then loads the engine, runs one warm-up inference
+//! (`warm_up`, on by default), reports `Ready` (or `LoadFailed` and exits 1
+//! when either fails), and answers `Embed` commands one by one until `Shutdown` or
 //! EOF, both of which end it with status 0. It dies with the supervisor
 //! through `PR_SET_PDEATHSIG`, set by the supervisor before exec.
 
@@ -55,6 +56,9 @@ pub enum WorkerError {
     /// The model or tokenizer could not be loaded.
     #[error("loading the model failed: {0}")]
     Load(#[source] inferd_engine::EngineError),
+    /// The model loaded but could not run the warm-up inference.
+    #[error("the warm-up inference failed")]
+    WarmUp,
 }
 
 /// Takes ownership of the inherited socket `fd` and serves on it.
@@ -124,6 +128,13 @@ async fn serve_started(
         load_ms,
         "model loaded"
     );
+    if config.warm_up {
+        if let Err(reason) = warm_up(&engine) {
+            error!(%reason, "warm-up inference failed");
+            let _ = conn.send(&WorkerEvent::LoadFailed { reason }).await;
+            return Err(WorkerError::WarmUp);
+        }
+    }
     let ready = WorkerEvent::Ready {
         model: engine.model_name().to_owned(),
         dims: engine.dims() as u32,
@@ -165,6 +176,26 @@ fn engine_config(config: &WorkerConfig) -> EngineConfig {
     engine.max_seq_len = config.max_seq_len;
     engine.normalize = config.normalize;
     engine
+}
+
+/// Text of the warm-up inference.
+const WARM_UP_TEXT: &str = "inferd warms up this worker before it takes requests.";
+
+/// Runs the model once on a short text, so the first request is not the
+/// plan's first run; the error, in words, if it cannot run.
+fn warm_up(engine: &Engine) -> Result<(), String> {
+    let started = Instant::now();
+    let out = engine
+        .embed(&[WARM_UP_TEXT.to_owned()])
+        .map_err(|err| format!("the warm-up inference failed: {}", error_chain(&err)))?;
+    if out.vectors.len() != 1 || out.vectors[0].iter().any(|v| !v.is_finite()) {
+        return Err("the warm-up inference gave no finite vector".into());
+    }
+    info!(
+        warm_up_us = started.elapsed().as_micros() as u64,
+        "warm-up inference done"
+    );
+    Ok(())
 }
 
 /// Runs one request; every failure becomes a `Rejected` event, never a crash.

@@ -101,6 +101,10 @@ pub struct Config {
     pub max_seq_len: usize,
     /// L2-normalise embeddings.
     pub normalize: bool,
+    /// A new worker embeds a short text before it reports Ready: the first
+    /// request it serves is not its first run, and a model that loads but
+    /// cannot run fails the start instead of a request.
+    pub warm_up: bool,
     /// Most queued requests.
     pub queue_capacity: usize,
     /// Most bytes of text held by queued requests; over it, new requests get
@@ -214,6 +218,7 @@ impl Default for Config {
             worker_binary: PathBuf::new(),
             max_seq_len: 256,
             normalize: true,
+            warm_up: true,
             queue_capacity: 256,
             max_queued_bytes: ByteSize::mib(64),
             max_connections: 4096,

@@ -311,6 +311,7 @@ pub(super) fn worker_config(config: &Config, worker_id: u64) -> WorkerConfig {
         tokenizer_path: config.tokenizer.clone(),
         max_seq_len: config.max_seq_len,
         normalize: config.normalize,
+        warm_up: config.warm_up,
         limits: config.limits(),
         max_frame_bytes: config.limits().worker_frame_bytes(config.max_seq_len),
         chaos: config.chaos.clone(),
