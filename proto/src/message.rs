@@ -647,6 +647,8 @@ pub struct WorkerConfig {
     pub normalize: bool,
     /// Embed one short text before reporting Ready.
     pub warm_up: bool,
+    /// Return freed memory to the system after a large request.
+    pub trim_memory: bool,
     /// Request size limits, checked again in the worker.
     pub limits: RequestLimits,
     /// The largest frame either end of the worker's socket accepts after
@@ -770,6 +772,7 @@ mod tests {
             max_seq_len: 256,
             normalize: true,
             warm_up: true,
+            trim_memory: true,
             limits: RequestLimits::default(),
             max_frame_bytes: RequestLimits::default().worker_frame_bytes(256),
             chaos: ChaosOptions {

@@ -529,3 +529,43 @@ async fn client_deadlines_hold_for_running_and_queued_requests() {
         "the worker is not killed for a client deadline"
     );
 }
+
+#[tokio::test]
+async fn a_large_request_is_followed_by_a_trim_and_a_short_one_is_not() {
+    let long = "A man is eating food while the band plays on the corner of the street. ".repeat(16);
+    for trim in [true, false] {
+        let daemon = Daemon::start(
+            DaemonConfig::new()
+                .workers(1)
+                .rust_log("info,inferd_worker=debug")
+                .with(|c| c.trim_memory = trim),
+        )
+        .await;
+        let mut client = daemon.client().await;
+        client
+            .embed(vec!["short".into()], None)
+            .await
+            .expect("short request");
+        // 8 texts of ~250 tokens: over the 1024 tokens that call for a trim.
+        let result = client
+            .embed(vec![long.clone(); 8], None)
+            .await
+            .expect("large request");
+        assert!(result.token_counts.iter().sum::<u32>() >= 1024);
+        // The worker trims right after sending an answer and before it reads
+        // the next command: once "after" is answered, its line is written.
+        client
+            .embed(vec!["after".into()], None)
+            .await
+            .expect("after");
+        let trims = daemon
+            .log()
+            .matches("freed memory returned to the system")
+            .count();
+        assert_eq!(
+            trims,
+            usize::from(trim),
+            "trim_memory = {trim}: one trim, after the large request only"
+        );
+    }
+}

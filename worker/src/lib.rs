@@ -148,6 +148,9 @@ async fn serve_started(
             Some(WorkerCommand::Embed { request_id, texts }) => {
                 let event = embed(&engine, &config, request_id, &texts, &mut leaked);
                 conn.send(&event).await.map_err(WorkerError::SendEvent)?;
+                if config.trim_memory && tokens_in(&event) >= TRIM_AFTER_TOKENS {
+                    trim_freed_memory();
+                }
             }
             Some(WorkerCommand::Tokenize { request_id, texts }) => {
                 let event = tokenize(&engine, &config, request_id, &texts, &mut leaked);
@@ -176,6 +179,39 @@ fn engine_config(config: &WorkerConfig) -> EngineConfig {
     engine.max_seq_len = config.max_seq_len;
     engine.normalize = config.normalize;
     engine
+}
+
+/// A request of at least this many tokens is followed by a trim.
+const TRIM_AFTER_TOKENS: u64 = 1024;
+
+/// Tokens the model ran for an answered embed request.
+fn tokens_in(event: &WorkerEvent) -> u64 {
+    match event {
+        WorkerEvent::Embedded { result, .. } => {
+            result.token_counts.iter().map(|&n| u64::from(n)).sum()
+        }
+        _ => 0,
+    }
+}
+
+/// Hands the pages glibc's allocator keeps after a large request back to
+/// the system: without it, one large request leaves the worker's RSS high
+/// for good (freed arena memory is kept for reuse), which a memory limit
+/// cannot tell from a leak. Done after the answer is sent, so it costs the
+/// client nothing.
+fn trim_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let started = Instant::now();
+        // SAFETY: malloc_trim only releases free memory of the allocator's
+        // own arenas; it has no preconditions.
+        let released = unsafe { libc::malloc_trim(0) };
+        debug!(
+            released = released != 0,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "freed memory returned to the system"
+        );
+    }
 }
 
 /// Text of the warm-up inference.

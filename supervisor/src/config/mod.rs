@@ -105,6 +105,9 @@ pub struct Config {
     /// request it serves is not its first run, and a model that loads but
     /// cannot run fails the start instead of a request.
     pub warm_up: bool,
+    /// After a large request the worker hands the memory it freed back to
+    /// the system (`malloc_trim`), so its RSS tracks live memory.
+    pub trim_memory: bool,
     /// Most queued requests.
     pub queue_capacity: usize,
     /// Most bytes of text held by queued requests; over it, new requests get
@@ -219,6 +222,7 @@ impl Default for Config {
             max_seq_len: 256,
             normalize: true,
             warm_up: true,
+            trim_memory: true,
             queue_capacity: 256,
             max_queued_bytes: ByteSize::mib(64),
             max_connections: 4096,

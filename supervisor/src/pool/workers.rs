@@ -312,6 +312,7 @@ pub(super) fn worker_config(config: &Config, worker_id: u64) -> WorkerConfig {
         max_seq_len: config.max_seq_len,
         normalize: config.normalize,
         warm_up: config.warm_up,
+        trim_memory: config.trim_memory,
         limits: config.limits(),
         max_frame_bytes: config.limits().worker_frame_bytes(config.max_seq_len),
         chaos: config.chaos.clone(),
