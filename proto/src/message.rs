@@ -649,6 +649,9 @@ pub struct WorkerConfig {
     pub warm_up: bool,
     /// Return freed memory to the system after a large request.
     pub trim_memory: bool,
+    /// Texts per model run: `max_batch_tokens / max_seq_len`, at least 1;
+    /// 0 for all of a request's texts in one run.
+    pub max_batch_texts: usize,
     /// Request size limits, checked again in the worker.
     pub limits: RequestLimits,
     /// The largest frame either end of the worker's socket accepts after
@@ -773,6 +776,7 @@ mod tests {
             normalize: true,
             warm_up: true,
             trim_memory: true,
+            max_batch_texts: 16,
             limits: RequestLimits::default(),
             max_frame_bytes: RequestLimits::default().worker_frame_bytes(256),
             chaos: ChaosOptions {

@@ -440,6 +440,7 @@ fn valid_payload(rng: &mut Rng, kind: Kind) -> Vec<u8> {
                 normalize: rng.one_in(2),
                 warm_up: rng.one_in(2),
                 trim_memory: rng.one_in(2),
+                max_batch_texts: rng.int() as usize,
                 limits: RequestLimits {
                     max_texts: rng.int() as usize,
                     max_text_bytes: rng.int() as usize,

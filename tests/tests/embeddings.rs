@@ -269,3 +269,33 @@ async fn a_new_worker_warms_up_before_it_is_ready_unless_told_not_to() {
         .await
         .expect("a cold worker serves too");
 }
+
+#[tokio::test]
+async fn a_request_run_in_parts_under_the_token_budget_gets_the_same_answer() {
+    let texts = inferd_tests::sample_texts();
+    assert!(texts.len() >= 4, "mixed lengths, several runs");
+    let mut answers = Vec::new();
+    // 512 tokens: two texts a run at max_seq_len 256; 0: one run.
+    for budget in [512, 0] {
+        let daemon = Daemon::start(
+            DaemonConfig::new()
+                .workers(1)
+                .with(|c| c.max_batch_tokens = budget),
+        )
+        .await;
+        let result = daemon
+            .client()
+            .await
+            .embed(texts.clone(), None)
+            .await
+            .expect("embedded");
+        answers.push(result);
+    }
+    let (parts, whole) = (&answers[0], &answers[1]);
+    assert_eq!(parts.token_counts, whole.token_counts);
+    assert_eq!(parts.truncated, whole.truncated);
+    for (i, (a, b)) in parts.embeddings.iter().zip(&whole.embeddings).enumerate() {
+        let diff = max_abs_diff(a, b);
+        assert!(diff <= 1e-6, "text {i}: max abs diff {diff}");
+    }
+}

@@ -181,6 +181,31 @@ fn engine_config(config: &WorkerConfig) -> EngineConfig {
     engine
 }
 
+/// Embeds `texts` in runs of at most `per_run` texts (0: all at once), so
+/// the model's activation memory for one request is bounded; each text's
+/// vector does not depend on which run it is in.
+fn embed_in_runs(
+    engine: &Engine,
+    texts: &[String],
+    per_run: usize,
+) -> Result<inferd_engine::Embeddings, inferd_engine::EngineError> {
+    if per_run == 0 || texts.len() <= per_run {
+        return engine.embed(texts);
+    }
+    let mut all = inferd_engine::Embeddings {
+        vectors: Vec::with_capacity(texts.len()),
+        token_counts: Vec::with_capacity(texts.len()),
+        truncated: Vec::with_capacity(texts.len()),
+    };
+    for run in texts.chunks(per_run) {
+        let out = engine.embed(run)?;
+        all.vectors.extend(out.vectors);
+        all.token_counts.extend(out.token_counts);
+        all.truncated.extend(out.truncated);
+    }
+    Ok(all)
+}
+
 /// A request of at least this many tokens is followed by a trim.
 const TRIM_AFTER_TOKENS: u64 = 1024;
 
@@ -246,7 +271,7 @@ fn embed(
         return refusal;
     }
     let started = Instant::now();
-    match engine.embed(texts) {
+    match embed_in_runs(engine, texts, config.max_batch_texts) {
         Ok(out) => {
             debug!(
                 request_id,

@@ -108,6 +108,10 @@ pub struct Config {
     /// After a large request the worker hands the memory it freed back to
     /// the system (`malloc_trim`), so its RSS tracks live memory.
     pub trim_memory: bool,
+    /// Tokens the model runs at once: a request's texts are embedded in
+    /// runs of `max_batch_tokens / max_seq_len` texts (at least one), which
+    /// bounds a worker's peak memory per request. 0: one run per request.
+    pub max_batch_tokens: usize,
     /// Most queued requests.
     pub queue_capacity: usize,
     /// Most bytes of text held by queued requests; over it, new requests get
@@ -223,6 +227,7 @@ impl Default for Config {
             normalize: true,
             warm_up: true,
             trim_memory: true,
+            max_batch_tokens: 4096,
             queue_capacity: 256,
             max_queued_bytes: ByteSize::mib(64),
             max_connections: 4096,
@@ -547,6 +552,15 @@ impl Config {
     }
 
     /// See [`Config::default_deadline_ms`].
+    /// Texts per model run for `max_batch_tokens`: at least one; 0 when
+    /// the budget is off.
+    pub fn max_batch_texts(&self) -> usize {
+        match self.max_batch_tokens {
+            0 => 0,
+            tokens => (tokens / self.max_seq_len.max(1)).max(1),
+        }
+    }
+
     pub fn default_deadline(&self) -> Duration {
         Duration::from_millis(self.default_deadline_ms)
     }

@@ -135,3 +135,20 @@ fn missing_file_is_a_read_error() {
     .unwrap_err();
     assert!(matches!(err, ConfigError::ReadFile { .. }));
 }
+
+#[test]
+fn the_token_budget_gives_texts_per_run() {
+    let config = |max_batch_tokens, max_seq_len| Config {
+        max_batch_tokens,
+        max_seq_len,
+        ..Config::default()
+    };
+    assert_eq!(config(4096, 256).max_batch_texts(), 16);
+    assert_eq!(config(4096, 512).max_batch_texts(), 8);
+    assert_eq!(
+        config(100, 256).max_batch_texts(),
+        1,
+        "at least one text a run"
+    );
+    assert_eq!(config(0, 256).max_batch_texts(), 0, "0 is off");
+}

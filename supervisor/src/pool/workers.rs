@@ -313,6 +313,7 @@ pub(super) fn worker_config(config: &Config, worker_id: u64) -> WorkerConfig {
         normalize: config.normalize,
         warm_up: config.warm_up,
         trim_memory: config.trim_memory,
+        max_batch_texts: config.max_batch_texts(),
         limits: config.limits(),
         max_frame_bytes: config.limits().worker_frame_bytes(config.max_seq_len),
         chaos: config.chaos.clone(),
