@@ -113,9 +113,13 @@ impl Pool {
                     self.start_failed(reason.clone(), now);
                     self.roll_start_failed(worker.generation, &reason, now);
                 }
+                // Killed from outside, or by us (a failed roll's
+                // replacement): says nothing about the next start.
                 None => info!(
                     worker_id,
-                    pid, "worker killed from outside while starting; starting another"
+                    pid,
+                    end = %description,
+                    "worker ended while starting, not by a failure of its own"
                 ),
             }
         } else if end.is_some_and(|end| end.is_crash()) {
