@@ -166,25 +166,20 @@ named_kinds! {
 mod tests {
     use super::*;
 
+    /// Every value's serde form is its stable name (and its `Display`).
+    fn names_are_serde_forms<K: Serialize + fmt::Display>(all: &[K]) {
+        for kind in all {
+            assert_eq!(serde_json::to_string(kind).unwrap(), format!("\"{kind}\""));
+        }
+    }
+
     #[test]
     fn names_are_the_serde_forms() {
-        for kind in ExitKind::ALL {
-            assert_eq!(
-                serde_json::to_string(kind).unwrap(),
-                format!("\"{}\"", kind.as_str())
-            );
-        }
-        for kind in WorkerStateKind::ALL {
-            assert_eq!(serde_json::to_string(kind).unwrap(), format!("\"{kind}\""));
-        }
-        for kind in ErrorKind::ALL {
-            assert_eq!(serde_json::to_string(kind).unwrap(), format!("\"{kind}\""));
-        }
-        for kind in RecycleTrigger::ALL {
-            assert_eq!(serde_json::to_string(kind).unwrap(), format!("\"{kind}\""));
-        }
-        for kind in RefusalReason::ALL {
-            assert_eq!(serde_json::to_string(kind).unwrap(), format!("\"{kind}\""));
-        }
+        names_are_serde_forms(WorkerStateKind::ALL);
+        names_are_serde_forms(ExitKind::ALL);
+        names_are_serde_forms(RecycleTrigger::ALL);
+        names_are_serde_forms(RecycleStage::ALL);
+        names_are_serde_forms(ErrorKind::ALL);
+        names_are_serde_forms(RefusalReason::ALL);
     }
 }
