@@ -60,6 +60,9 @@ named_kinds! {
         Draining => "draining",
         /// Asked to exit.
         Stopping => "stopping",
+        /// Loaded and warmed, held in reserve: takes no requests until a
+        /// death or a recycle promotes it.
+        Spare => "spare",
         /// SIGKILLed, or its socket closed unasked: waiting to be reaped.
         Exiting => "exiting",
     }
@@ -110,6 +113,10 @@ named_kinds! {
         MaxLifetime => "max_lifetime",
         /// A rolling restart (SIGHUP, `inferctl roll`).
         Roll => "roll",
+        /// Memory growing so fast that it would pass the hard limit before
+        /// a replacement could be Ready: recycled early, whatever
+        /// `min_lifetime_ms` says.
+        LeakRate => "leak_rate",
     }
 }
 

@@ -88,7 +88,7 @@ pub use kinds::{
 pub use message::*;
 
 /// Version of the message layer. Bump on any change to the message enums.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Everything that can go wrong on a framed connection.
 #[derive(Debug, thiserror::Error)]

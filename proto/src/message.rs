@@ -439,6 +439,11 @@ pub struct PoolStatus {
     pub soft_limit_bytes: Option<u64>,
     /// Per-worker kill threshold (and cgroup limit), if set.
     pub hard_limit_bytes: Option<u64>,
+    /// Where the limits come from: the configuration, or how "auto"
+    /// derived them (or that it waits for the first worker's baseline).
+    pub limits_origin: String,
+    /// Loaded workers held in reserve, target.
+    pub target_spares: u32,
     /// Per-worker cgroups: in use where, or why not.
     pub cgroups: String,
     /// The latest worker exits, oldest first.
@@ -557,6 +562,13 @@ pub struct WorkerStatus {
     pub cgroup: Option<String>,
     /// Set while it starts up to replace the worker with this id.
     pub replaces: Option<u64>,
+    /// Started to stand by as a spare (its state says `spare` once loaded);
+    /// false once promoted.
+    pub spare: bool,
+    /// How fast its memory grows, bytes per second, from the lower envelope
+    /// of its recent readings (transient peaks do not count); `None` until
+    /// a few seconds of readings exist.
+    pub growth_bytes_per_sec: Option<f64>,
 }
 
 /// Cumulative pool counters.
@@ -593,6 +605,8 @@ pub struct Counters {
     pub recycles_failed: BTreeMap<RecycleTrigger, u64>,
     /// Worker exits by classified end kind.
     pub worker_exits: BTreeMap<ExitKind, u64>,
+    /// Spares promoted to take a dead or recycled worker's place.
+    pub spares_promoted: u64,
 }
 
 /// Test-and-demo behaviours of a worker. All off by default; never enable in
@@ -805,6 +819,8 @@ mod tests {
                 age_secs: 1.5,
                 cgroup: Some("/sys/fs/cgroup/x".into()),
                 replaces: None,
+                spare: false,
+                growth_bytes_per_sec: Some(2048.5),
             }],
             queue_depth: 0,
             queue_capacity: 10,
@@ -815,6 +831,8 @@ mod tests {
             unavailable_reason: None,
             soft_limit_bytes: Some(1 << 28),
             hard_limit_bytes: None,
+            limits_origin: "auto".into(),
+            target_spares: 1,
             cgroups: "v1".into(),
             recent_exits: vec![ExitRecord {
                 worker_id: 1,

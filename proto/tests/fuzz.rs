@@ -295,6 +295,8 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
             age_secs: rng.int() as f64 / 7.0,
             cgroup: rng.option(Rng::string),
             replaces: rng.option(Rng::int),
+            spare: rng.int() % 2 == 0,
+            growth_bytes_per_sec: rng.option(|rng| rng.int() as f64 / 7.0),
         }),
         queue_depth: rng.int() as u32,
         queue_capacity: rng.int() as u32,
@@ -305,6 +307,8 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
         unavailable_reason: rng.option(Rng::string),
         soft_limit_bytes: rng.option(Rng::int),
         hard_limit_bytes: rng.option(Rng::int),
+        limits_origin: rng.string(),
+        target_spares: rng.int() as u32,
         cgroups: rng.string(),
         recent_exits: rng.vec(exits, |rng| ExitRecord {
             worker_id: rng.int(),
@@ -349,6 +353,7 @@ fn pool_status(rng: &mut Rng) -> PoolStatus {
             recycles: rng.map(RecycleTrigger::ALL),
             recycles_failed: rng.map(RecycleTrigger::ALL),
             worker_exits: rng.map(ExitKind::ALL),
+            spares_promoted: rng.int(),
         },
     }
 }

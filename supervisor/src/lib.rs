@@ -18,7 +18,9 @@ pub mod cgroup;
 pub mod config;
 pub mod connections;
 pub mod fdlimit;
+pub mod growth;
 pub mod http;
+pub mod limits;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
@@ -375,8 +377,8 @@ fn prepare_cgroups(config: &Config) -> (Option<cgroup::Cgroups>, String) {
         info!("per-worker cgroups off (cgroups = \"off\"); memory limits are enforced from procfs");
         return (None, "off (configured)".into());
     }
-    if config.hard_limit.is_none() {
-        return (None, "not used: no hard_limit set".into());
+    if config.hard_limit == config::LimitSetting::Off {
+        return (None, "not used: hard_limit = \"off\"".into());
     }
     match cgroup::detect(config.cgroup_parent.as_deref()).prepare() {
         Ok(cgroups) => {

@@ -10,6 +10,8 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 
 use crate::config::{Config, MemoryMetric};
+use crate::growth::reaches_within;
+use crate::limits::Derived;
 use crate::memory::{MemorySource, MemoryUsage};
 use crate::process::{KillReason, RetireReason};
 
@@ -26,7 +28,7 @@ pub fn stagger(base: u64, worker_id: u64, workers: u32) -> u64 {
 }
 
 /// What the pool knows about one serving worker when it judges it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WorkerFacts {
     /// Worker id (for the stagger).
     pub id: u64,
@@ -38,6 +40,8 @@ pub struct WorkerFacts {
     pub memory_bytes: Option<u64>,
     /// Started before the latest rolling restart began.
     pub stale: bool,
+    /// Sustained memory growth, bytes per second (see [`crate::growth`]).
+    pub growth_per_sec: Option<f64>,
 }
 
 /// What to do with a worker.
@@ -68,20 +72,33 @@ pub struct RecyclePolicy {
     pub workers: u32,
     /// Which memory figure the limits apply to.
     pub metric: MemoryMetric,
+    /// How far ahead growth is projected against the hard limit: the time
+    /// a replacement needs to be Ready, plus a margin.
+    pub leak_horizon: Duration,
 }
 
+/// The leak horizon before any load time was measured.
+pub const DEFAULT_LEAK_HORIZON: Duration = Duration::from_secs(3);
+
 impl RecyclePolicy {
-    /// The policy a configuration asks for.
-    pub fn from_config(config: &Config) -> Self {
+    /// The policy a configuration asks for, with its limits as resolved.
+    pub fn new(config: &Config, limits: &Derived) -> Self {
         Self {
-            soft_limit: config.soft_limit.map(|b| b.as_u64()),
-            hard_limit: config.hard_limit.map(|b| b.as_u64()),
+            soft_limit: limits.soft,
+            hard_limit: limits.hard,
             max_requests: config.max_requests,
             max_lifetime: config.max_lifetime(),
             min_lifetime: config.min_lifetime(),
             workers: config.workers,
             metric: config.memory_metric,
+            leak_horizon: DEFAULT_LEAK_HORIZON,
         }
+    }
+
+    /// A replacement took `load` to be Ready: project growth over that
+    /// plus as much again (at least 1 s) from now on.
+    pub fn measured_load_time(&mut self, load: Duration) {
+        self.leak_horizon = load + load.max(Duration::from_secs(1));
     }
 
     /// Reads the configured memory figure of `pid`.
@@ -103,9 +120,10 @@ impl RecyclePolicy {
         self.soft_limit.is_some() || self.hard_limit.is_some()
     }
 
-    /// Judges one worker. The hard limit applies at any age; graceful
-    /// triggers wait for `min_lifetime`, so a worker that starts above the
-    /// soft limit is not replaced in a loop.
+    /// Judges one worker. The hard limit applies at any age, and so does a
+    /// leak fast enough to reach it before a replacement could be Ready;
+    /// the other graceful triggers wait for `min_lifetime`, so a worker
+    /// that starts above the soft limit is not replaced in a loop.
     pub fn judge(&self, facts: &WorkerFacts) -> Verdict {
         let memory = facts.memory_bytes.unwrap_or(0);
         if self.hard_limit.is_some_and(|hard| memory > hard) {
@@ -114,6 +132,11 @@ impl RecyclePolicy {
         // A roll replaces every worker, young ones included.
         if facts.stale {
             return Verdict::Recycle(RetireReason::Roll);
+        }
+        if let (Some(hard), Some(growth)) = (self.hard_limit, facts.growth_per_sec) {
+            if reaches_within(memory, growth, hard, self.leak_horizon) {
+                return Verdict::Recycle(RetireReason::LeakRate);
+            }
         }
         if facts.age < self.min_lifetime {
             return Verdict::Keep;
@@ -237,6 +260,7 @@ mod tests {
             min_lifetime: Duration::from_secs(5),
             workers: 4,
             metric: MemoryMetric::Rss,
+            leak_horizon: Duration::from_secs(2),
         }
     }
 
@@ -247,6 +271,7 @@ mod tests {
             requests_served: 10,
             memory_bytes: Some(memory),
             stale: false,
+            growth_per_sec: None,
         }
     }
 
@@ -328,6 +353,39 @@ mod tests {
         assert_eq!(
             policy().judge(&stale_and_huge),
             Verdict::Kill(KillReason::HardLimit)
+        );
+    }
+
+    #[test]
+    fn a_fast_leak_is_recycled_whatever_its_age_a_slow_one_waits() {
+        let young_leaker = WorkerFacts {
+            age: Duration::from_millis(3500),
+            growth_per_sec: Some(60.0 * MIB as f64),
+            ..facts(290 * MIB)
+        };
+        // 290 + 60 x 2 s >= 400: would pass the hard limit before a
+        // replacement is Ready.
+        assert_eq!(
+            policy().judge(&young_leaker),
+            Verdict::Recycle(RetireReason::LeakRate)
+        );
+        let slow = WorkerFacts {
+            growth_per_sec: Some(MIB as f64),
+            ..young_leaker
+        };
+        assert_eq!(policy().judge(&slow), Verdict::Keep, "min_lifetime guards");
+        let no_hard_limit = RecyclePolicy {
+            hard_limit: None,
+            ..policy()
+        };
+        assert_eq!(no_hard_limit.judge(&young_leaker), Verdict::Keep);
+        let mut measured = policy();
+        measured.measured_load_time(Duration::from_millis(300));
+        assert_eq!(measured.leak_horizon, Duration::from_millis(1300));
+        assert_eq!(
+            measured.judge(&young_leaker),
+            Verdict::Keep,
+            "290 + 60 x 1.3 < 400"
         );
     }
 

@@ -207,6 +207,11 @@ pub enum RetireReason {
     MaxLifetime,
     /// Rolling restart (SIGHUP or `inferctl roll`).
     Roll,
+    /// Its memory grows fast enough to pass the hard limit before a
+    /// replacement could be Ready.
+    LeakRate,
+    /// A spare no longer needed (fewer spares, or a roll replaces it).
+    SpareSurplus,
 }
 
 impl RetireReason {
@@ -218,6 +223,8 @@ impl RetireReason {
             Self::MaxRequests => Some(RecycleTrigger::MaxRequests),
             Self::MaxLifetime => Some(RecycleTrigger::MaxLifetime),
             Self::Roll => Some(RecycleTrigger::Roll),
+            Self::LeakRate => Some(RecycleTrigger::LeakRate),
+            Self::SpareSurplus => None,
         }
     }
 }
@@ -249,6 +256,8 @@ impl fmt::Display for RetireReason {
             Self::MaxRequests => "max_requests",
             Self::MaxLifetime => "max_lifetime",
             Self::Roll => "roll",
+            Self::LeakRate => "leak_rate",
+            Self::SpareSurplus => "spare_surplus",
         })
     }
 }

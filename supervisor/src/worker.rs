@@ -4,11 +4,11 @@
 //!
 //! ```text
 //! Starting ──Ready──▶ Ready ◀──answer── Busy
-//!                       │ └──assign──────▲ │
-//!                       │                  │ drain (recycle)
+//!    │ (a spare)        │ └──assign──────▲ │
+//!    └──Ready──▶ Spare ─┘ promote          │ drain (recycle)
 //!                       └─drain/retire─▶ Stopping ◀─answer── Draining
 //!  any state ──kill──▶ Killed;  any live state ──EOF──▶ Lost
-//!  (every state ends at waitpid)
+//!  (every state ends at waitpid; a Spare retires like a Ready worker)
 //! ```
 
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tracing::{debug, info_span, Instrument};
 
 use crate::cgroup::Leaf;
+use crate::growth::MemoryHistory;
 use crate::memory::MemoryUsage;
 use crate::process::{Intent, KillReason, RetireReason, SpawnedWorker};
 use crate::request::{Request, Task};
@@ -63,6 +64,12 @@ pub enum WorkerState {
     /// Idle, takes requests.
     Ready {
         /// Idle since.
+        since: Instant,
+    },
+    /// Loaded and warmed, held in reserve: takes no requests until
+    /// promoted.
+    Spare {
+        /// Ready since.
         since: Instant,
     },
     /// Running one request.
@@ -127,6 +134,10 @@ pub struct Worker {
     pub generation: u64,
     /// Latest memory reading.
     pub memory: Option<MemoryUsage>,
+    /// Recent readings of the policy's memory figure, for the growth rate.
+    pub history: MemoryHistory,
+    /// Started to be a spare and not promoted yet.
+    pub spare: bool,
     /// Why it could not load its model, as it reported before exiting.
     pub load_error: Option<String>,
     /// Its own memory cgroup, if the supervisor could make one.
@@ -172,6 +183,8 @@ impl Worker {
             requests_served: 0,
             generation: 0,
             memory: None,
+            history: MemoryHistory::default(),
+            spare: false,
             load_error: None,
             leaf_oom_kills_at_spawn: leaf.as_ref().and_then(|l| l.oom_kills().ok()).unwrap_or(0),
             leaf,
@@ -192,6 +205,7 @@ impl Worker {
         match self.state {
             WorkerState::Starting { .. } => WorkerStateKind::Starting,
             WorkerState::Ready { .. } => WorkerStateKind::Ready,
+            WorkerState::Spare { .. } => WorkerStateKind::Spare,
             WorkerState::Busy(_) => WorkerStateKind::Busy,
             WorkerState::Draining { .. } => WorkerStateKind::Draining,
             WorkerState::Stopping { .. } => WorkerStateKind::Stopping,
@@ -199,12 +213,34 @@ impl Worker {
         }
     }
 
-    /// Counts towards pool capacity (not on its way out).
+    /// Not on its way out: starting, serving, or a spare.
     pub fn is_live(&self) -> bool {
         matches!(
             self.state,
-            WorkerState::Starting { .. } | WorkerState::Ready { .. } | WorkerState::Busy(_)
+            WorkerState::Starting { .. }
+                | WorkerState::Ready { .. }
+                | WorkerState::Busy(_)
+                | WorkerState::Spare { .. }
         )
+    }
+
+    /// Live and not a spare: counts towards `workers`.
+    pub fn is_active(&self) -> bool {
+        self.is_live() && !self.spare
+    }
+
+    /// A loaded spare, ready to be promoted.
+    pub fn is_ready_spare(&self) -> bool {
+        matches!(self.state, WorkerState::Spare { .. })
+    }
+
+    /// A spare no more: a loaded one takes requests at once, a starting one
+    /// will when Ready.
+    pub fn promote(&mut self, now: Instant) {
+        self.spare = false;
+        if let WorkerState::Spare { .. } = self.state {
+            self.state = WorkerState::Ready { since: now };
+        }
     }
 
     /// Running a request (busy, or finishing one while draining).
@@ -231,10 +267,15 @@ impl Worker {
         }
     }
 
-    /// Starting → Ready. Returns false (and changes nothing) in other states.
+    /// Starting → Ready (→ Spare for a spare). Returns false (and changes
+    /// nothing) in other states.
     pub fn mark_ready(&mut self, now: Instant) -> bool {
         if matches!(self.state, WorkerState::Starting { .. }) {
-            self.state = WorkerState::Ready { since: now };
+            self.state = if self.spare {
+                WorkerState::Spare { since: now }
+            } else {
+                WorkerState::Ready { since: now }
+            };
             self.ready_at = Some(now);
             true
         } else {
@@ -315,7 +356,9 @@ impl Worker {
         // Placeholder while the old state is moved out; replaced just below.
         let previous = std::mem::replace(&mut self.state, WorkerState::Lost { since: now });
         self.state = match previous {
-            WorkerState::Ready { .. } | WorkerState::Starting { .. } => {
+            WorkerState::Ready { .. }
+            | WorkerState::Starting { .. }
+            | WorkerState::Spare { .. } => {
                 let _ = self.commands.send(WorkerCommand::Shutdown);
                 WorkerState::Stopping { reason, since: now }
             }

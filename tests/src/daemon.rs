@@ -62,13 +62,17 @@ impl DaemonConfig {
     }
 
     /// Two workers serving `(model.onnx, tokenizer.json)`, everything else at
-    /// the daemon's defaults, `RUST_LOG=info`. The files are not checked.
+    /// the daemon's defaults except the spare: none unless a test asks
+    /// (the tests count worker processes, and a spare is one more model
+    /// load per test; `tests/defaults.rs` runs the true defaults),
+    /// `RUST_LOG=info`. The files are not checked.
     pub fn with_model((model, tokenizer): (PathBuf, PathBuf)) -> Self {
         Self {
             config: Config {
                 workers: 2,
                 model,
                 tokenizer,
+                spare_workers: inferd_supervisor::config::SpareSetting::Count(0),
                 ..Config::default()
             },
             socket: None,
@@ -81,7 +85,7 @@ impl DaemonConfig {
     }
 
     /// Changes the daemon's configuration, e.g.
-    /// `.with(|c| c.soft_limit = Some(ByteSize::mib(300)))`.
+    /// `.with(|c| c.max_requests = Some(500))`.
     pub fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(&mut self.config);
         self

@@ -516,6 +516,15 @@ async fn health_info_models_and_metrics() {
     for key in ["max_texts", "max_text_bytes", "max_frame_bytes", "version"] {
         assert!(!body[key].is_null(), "{key} missing: {body}");
     }
+    // The fixture leaves the limits "auto": derived from the first worker.
+    let memory = &body["memory"];
+    assert!(memory["hard_limit_bytes"].as_u64().is_some(), "{body}");
+    assert!(
+        memory["limits_origin"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("auto: baseline")),
+        "{body}"
+    );
 
     let metrics = get(socket, "/metrics");
     assert_eq!(metrics.status, 200, "{metrics:?}");

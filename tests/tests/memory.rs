@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use inferd_supervisor::config::LimitSetting;
 use inferd_tests::{
     ready_count, sample_texts, serving_count, BackgroundLoad, Client, ClientError, Daemon,
     DaemonConfig, Expected, PoolStatus, RequestError, POLL_INTERVAL,
@@ -166,8 +167,8 @@ async fn leaking_workers_are_recycled_without_a_failed_request() {
     let daemon = Daemon::start(
         DaemonConfig::new()
             .with(|c| {
-                c.soft_limit = Some(ByteSize::mib(250));
-                c.hard_limit = Some(ByteSize::mib(700));
+                c.soft_limit = LimitSetting::Fixed(ByteSize::mib(250));
+                c.hard_limit = LimitSetting::Fixed(ByteSize::mib(700));
                 c.min_lifetime_ms = 500;
             })
             .leak_per_request(2 * MIB),
@@ -228,7 +229,11 @@ async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
     let daemon = Daemon::start(
         DaemonConfig::new()
             .workers(1)
-            .with(|c| c.hard_limit = Some(ByteSize::mib(320)))
+            .with(|c| {
+                // The kill paths, not recycling: no soft limit.
+                c.soft_limit = LimitSetting::Off;
+                c.hard_limit = LimitSetting::Fixed(ByteSize::mib(320));
+            })
             .leak_per_request(8 * MIB),
     )
     .await;
@@ -282,7 +287,8 @@ async fn supervisor_hard_limit_kill_is_never_called_oom() {
             .workers(1)
             .with(|c| {
                 c.cgroups = CgroupMode::Off;
-                c.hard_limit = Some(ByteSize::mib(260));
+                c.soft_limit = LimitSetting::Off;
+                c.hard_limit = LimitSetting::Fixed(ByteSize::mib(260));
             })
             .leak_per_request(4 * MIB),
     )

@@ -20,10 +20,12 @@ pub fn format_status(status: &PoolStatus) -> String {
     let _ = writeln!(out, "model        {}", status.model.display());
     let _ = writeln!(
         out,
-        "workers      {} ready, {} busy / {} target ({} processes)",
+        "workers      {} ready, {} busy / {} target; {} spare / {} target ({} processes)",
         count(WorkerStateKind::Ready),
         count(WorkerStateKind::Busy),
         status.target_workers,
+        count(WorkerStateKind::Spare),
+        status.target_spares,
         status.workers.len()
     );
     let _ = writeln!(
@@ -47,6 +49,9 @@ pub fn format_status(status: &PoolStatus) -> String {
         limit(status.hard_limit_bytes),
         status.cgroups
     );
+    if !status.limits_origin.is_empty() {
+        let _ = writeln!(out, "limits       {}", status.limits_origin);
+    }
     if let Some(reason) = &status.unavailable_reason {
         let _ = writeln!(out, "UNAVAILABLE  {reason}");
     }
@@ -90,6 +95,12 @@ pub fn format_status(status: &PoolStatus) -> String {
         if let Some(old) = w.replaces {
             note.push(format!("replacing worker {old}"));
         }
+        if w.spare && w.state == WorkerStateKind::Starting {
+            note.push("spare".into());
+        }
+        if let Some(growth) = w.growth_bytes_per_sec.filter(|g| *g > 0.0) {
+            note.push(format!("growing {}/s", mib(growth as u64)));
+        }
         if let Some(pss) = w.pss_bytes {
             note.push(format!("pss {}", mib(pss)));
         }
@@ -130,6 +141,7 @@ pub fn format_status(status: &PoolStatus) -> String {
     let _ = writeln!(out, "  workers spawned     {}", c.workers_spawned);
     let _ = writeln!(out, "  recycles            {}", by_kind(&c.recycles));
     let _ = writeln!(out, "  recycles failed     {}", by_kind(&c.recycles_failed));
+    let _ = writeln!(out, "  spares promoted     {}", c.spares_promoted);
     let _ = writeln!(out, "  worker exits        {}", by_kind(&c.worker_exits));
     if !status.recent_exits.is_empty() {
         out.push('\n');
@@ -199,6 +211,8 @@ mod tests {
             age_secs: 3725.0,
             cgroup: None,
             replaces: None,
+            spare: false,
+            growth_bytes_per_sec: None,
         }
     }
 
@@ -226,7 +240,11 @@ mod tests {
             target_workers: 2,
             workers: vec![
                 worker(3, 100, WorkerStateKind::Ready),
-                worker(4, 101, WorkerStateKind::Busy),
+                WorkerStatus {
+                    growth_bytes_per_sec: Some(64.0 * 1024.0 * 1024.0),
+                    ..worker(4, 101, WorkerStateKind::Busy)
+                },
+                worker(6, 102, WorkerStateKind::Spare),
             ],
             queue_depth: 5,
             queue_capacity: 256,
@@ -237,6 +255,8 @@ mod tests {
             unavailable_reason: Some("model file missing".into()),
             soft_limit_bytes: Some(300 << 20),
             hard_limit_bytes: None,
+            limits_origin: "auto: baseline 90.0 MiB".into(),
+            target_spares: 1,
             cgroups: "off (configured)".into(),
             recent_exits: vec![inferd_proto::ExitRecord {
                 worker_id: 2,
@@ -267,7 +287,15 @@ mod tests {
         let text = format_status(&status);
         assert!(text.contains("pid 4242, up 1m30s"), "{text}");
         assert!(text.contains("/models/m.onnx"), "{text}");
-        assert!(text.contains("1 ready, 1 busy / 2 target"), "{text}");
+        assert!(
+            text.contains("1 ready, 1 busy / 2 target; 1 spare / 1 target (3 processes)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("limits       auto: baseline 90.0 MiB"),
+            "{text}"
+        );
+        assert!(text.contains("growing 64.0MiB/s"), "{text}");
         assert!(
             text.contains("5 / 256 requests, 3.0MiB / 64.0MiB of text"),
             "{text}"

@@ -301,3 +301,48 @@ fn has_delegate_xattr(dir: &Path) -> bool {
         len > 0 && value[0] == b'1'
     })
 }
+
+/// The tightest memory limit on the supervisor's own memory cgroup and its
+/// ancestors (v1 `memory.limit_in_bytes`, v2 `memory.max`), with the
+/// directory that sets it; `None` when no ancestor is limited or the
+/// hierarchy cannot be read. A parent's limit binds its children too, so
+/// every level up to the mount point counts.
+pub fn own_memory_limit() -> Option<(u64, PathBuf)> {
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let lines = parse_proc_cgroup(&own);
+    let mounts = parse_mountinfo(&mountinfo);
+    let (dir, mount_point, file) = match lines
+        .iter()
+        .find(|line| line.controllers.iter().any(|c| c == "memory"))
+    {
+        Some(line) => {
+            let v1_memory = mounts
+                .iter()
+                .filter(|m| m.fs_type == "cgroup" && m.super_options.iter().any(|o| o == "memory"));
+            let (dir, mount_point) = cgroup_dir(v1_memory, &line.path)?;
+            (dir, mount_point, "memory.limit_in_bytes")
+        }
+        None => {
+            let line = lines
+                .iter()
+                .find(|line| line.hierarchy == "0" && line.controllers.is_empty())?;
+            let v2_mounts = mounts.iter().filter(|m| m.fs_type == "cgroup2");
+            let (dir, mount_point) = cgroup_dir(v2_mounts, &line.path)?;
+            (dir, mount_point, "memory.max")
+        }
+    };
+    tightest_limit(&dir, &mount_point, file)
+}
+
+/// The smallest limit in `file` from `dir` up to `mount_point` (v1's
+/// "unlimited" is a huge number, v2's the word `max`: both read as none).
+fn tightest_limit(dir: &Path, mount_point: &Path, file: &str) -> Option<(u64, PathBuf)> {
+    dir.ancestors()
+        .take_while(|level| level.starts_with(mount_point))
+        .filter_map(|level| {
+            let limit = read_u64(&level.join(file)).filter(|&limit| limit < V1_UNLIMITED)?;
+            Some((limit, level.to_path_buf()))
+        })
+        .min_by_key(|(limit, _)| *limit)
+}

@@ -154,10 +154,16 @@ impl Leaf {
         })
     }
 
-    /// Writes the limit files; v1 also lifts the swap limit first so the
-    /// memory limit may rise (v1 requires memory <= memory+swap).
-    pub(super) fn set_limit(&self, limit_bytes: u64) -> Result<(), LeafError> {
-        let limit = limit_bytes.to_string();
+    /// Writes the limit files (`None`: unlimited); v1 also lifts the swap
+    /// limit first so the memory limit may rise (v1 requires memory <=
+    /// memory+swap). The pool sets a worker's limit again when automatic
+    /// limits are derived after it started.
+    pub fn set_limit(&self, limit_bytes: Option<u64>) -> Result<(), LeafError> {
+        let unlimited = match self.version {
+            CgroupVersion::V1 => "-1",
+            CgroupVersion::V2 => "max",
+        };
+        let limit = limit_bytes.map_or_else(|| unlimited.to_owned(), |bytes| bytes.to_string());
         match self.version {
             CgroupVersion::V1 => {
                 let memsw = self.path.join("memory.memsw.limit_in_bytes");

@@ -90,6 +90,7 @@ mod leaf;
 mod tests;
 mod v2;
 
+pub use detect::own_memory_limit;
 use detect::{detect_at, detect_own};
 use leaf::remove_dir_bounded;
 pub use leaf::{Leaf, LeafError};
@@ -271,9 +272,10 @@ impl Cgroups {
     }
 
     /// Creates the leaf `<parent>/<name>` with memory limit `limit_bytes`
-    /// (and no swap where swap is accounted). A leftover leaf of the same
-    /// name is removed first, or reused if a process still holds it.
-    pub fn create_leaf(&self, name: &str, limit_bytes: u64) -> Result<Leaf, LeafError> {
+    /// (none: unlimited until [`Leaf::set_limit`]; no swap where swap is
+    /// accounted). A leftover leaf of the same name is removed first, or
+    /// reused if a process still holds it.
+    pub fn create_leaf(&self, name: &str, limit_bytes: Option<u64>) -> Result<Leaf, LeafError> {
         validate_name(name)?;
         let path = self.parent.join(name);
         match fs::create_dir(&path) {

@@ -71,7 +71,7 @@ fn leaf_gets_its_limit_and_is_removed() {
         return;
     };
     let leaf = cgroups
-        .create_leaf(&unique("limit"), 64 * MIB)
+        .create_leaf(&unique("limit"), Some(64 * MIB))
         .expect("create leaf");
     let path = leaf.path().to_path_buf();
     println!("{:?} leaf {}", cgroups.version(), path.display());
@@ -89,7 +89,7 @@ fn dropping_a_leaf_removes_it() {
         return;
     };
     let leaf = cgroups
-        .create_leaf(&unique("drop"), 32 * MIB)
+        .create_leaf(&unique("drop"), Some(32 * MIB))
         .expect("create leaf");
     let path = leaf.path().to_path_buf();
     drop(leaf);
@@ -113,7 +113,7 @@ fn stale_leaf_is_replaced() {
     )
     .expect("stale limit");
     let leaf = cgroups
-        .create_leaf(&name, 48 * MIB)
+        .create_leaf(&name, Some(48 * MIB))
         .expect("create over stale leaf");
     assert_eq!(leaf.memory_limit(), Some(48 * MIB));
     leaf.remove().expect("remove leaf");
@@ -125,7 +125,7 @@ fn adding_a_missing_process_fails() {
         return;
     };
     let leaf = cgroups
-        .create_leaf(&unique("nopid"), 32 * MIB)
+        .create_leaf(&unique("nopid"), Some(32 * MIB))
         .expect("create leaf");
     let err = leaf
         .add_process(Pid::from_raw(i32::MAX))
@@ -160,10 +160,10 @@ fn oom_kill_is_attributed_to_the_leaf() {
         return;
     };
     let leaf = cgroups
-        .create_leaf(&unique("oom"), 64 * MIB)
+        .create_leaf(&unique("oom"), Some(64 * MIB))
         .expect("create leaf");
     let sibling = cgroups
-        .create_leaf(&unique("sibling"), 64 * MIB)
+        .create_leaf(&unique("sibling"), Some(64 * MIB))
         .expect("create sibling leaf");
     let host_before = host_oom_kills();
 

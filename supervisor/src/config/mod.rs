@@ -2,8 +2,11 @@
 //! top. Every key has a default except `model`; unknown keys are errors so a
 //! typo never silently falls back to a default.
 
+mod auto;
 #[cfg(test)]
 mod tests;
+
+pub use auto::{LimitSetting, SpareSetting};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -51,12 +54,20 @@ pub struct Args {
     /// A worker running one request longer than this is killed (ms).
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
-    /// Recycle a worker gracefully above this much memory ("1.5GiB").
+    /// Recycle a worker gracefully above this much memory: "auto" (derived
+    /// from the first worker's baseline and the memory available), "off", or
+    /// a size ("1.5GiB") [default: auto].
     #[arg(long)]
-    pub soft_limit: Option<ByteSize>,
-    /// Kill a worker above this much memory; also its cgroup limit ("2GiB").
+    pub soft_limit: Option<LimitSetting>,
+    /// Kill a worker above this much memory; also its cgroup limit: "auto",
+    /// "off" or a size ("2GiB") [default: auto].
     #[arg(long)]
-    pub hard_limit: Option<ByteSize>,
+    pub hard_limit: Option<LimitSetting>,
+    /// Loaded workers held in reserve, promoted at once when a worker dies
+    /// or is recycled: "auto" (1 where memory allows, else 0) or a number
+    /// [default: auto].
+    #[arg(long)]
+    pub spare_workers: Option<SpareSetting>,
     /// Recycle a worker after about this many requests.
     #[arg(long)]
     pub max_requests: Option<u64>,
@@ -140,10 +151,15 @@ pub struct Config {
     /// On SIGTERM, how long queued and in-flight requests may take (ms).
     pub drain_timeout_ms: u64,
     /// Memory above this (per worker, `memory_metric`): graceful recycle.
-    pub soft_limit: Option<ByteSize>,
+    /// "auto": derived once the first worker is Ready (see `crate::limits`).
+    pub soft_limit: LimitSetting,
     /// Memory above this: SIGKILL at once. With cgroups, also the kernel
     /// limit of the worker's leaf, so the OOM killer stays inside it.
-    pub hard_limit: Option<ByteSize>,
+    /// "auto" like `soft_limit`.
+    pub hard_limit: LimitSetting,
+    /// Loaded, warmed workers that take no traffic: a death or a recycle
+    /// promotes one at once, and a new spare starts behind it.
+    pub spare_workers: SpareSetting,
     /// Which memory figure the limits apply to.
     pub memory_metric: MemoryMetric,
     /// How often worker memory is read (also after every answer) (ms).
@@ -239,8 +255,9 @@ impl Default for Config {
             default_deadline_ms: 60_000,
             startup_timeout_ms: 60_000,
             drain_timeout_ms: 30_000,
-            soft_limit: None,
-            hard_limit: None,
+            soft_limit: LimitSetting::Auto,
+            hard_limit: LimitSetting::Auto,
+            spare_workers: SpareSetting::Auto,
             memory_metric: MemoryMetric::Rss,
             memory_check_interval_ms: 1000,
             max_requests: None,
@@ -341,6 +358,7 @@ impl Config {
             request_timeout_ms,
             soft_limit,
             hard_limit,
+            spare_workers,
             max_requests,
             log_format: _,
         } = args.clone();
@@ -365,11 +383,14 @@ impl Config {
         if let Some(v) = request_timeout_ms {
             self.request_timeout_ms = v;
         }
-        if soft_limit.is_some() {
-            self.soft_limit = soft_limit;
+        if let Some(v) = soft_limit {
+            self.soft_limit = v;
         }
-        if hard_limit.is_some() {
-            self.hard_limit = hard_limit;
+        if let Some(v) = hard_limit {
+            self.hard_limit = v;
+        }
+        if let Some(v) = spare_workers {
+            self.spare_workers = v;
         }
         if max_requests.is_some() {
             self.max_requests = max_requests;
@@ -471,7 +492,7 @@ impl Config {
                 return invalid(key, "must be greater than 0");
             }
         }
-        if let (Some(soft), Some(hard)) = (self.soft_limit, self.hard_limit) {
+        if let (Some(soft), Some(hard)) = (self.soft_limit.fixed(), self.hard_limit.fixed()) {
             if soft >= hard {
                 return invalid(
                     "soft_limit",
@@ -480,8 +501,8 @@ impl Config {
             }
         }
         for (key, limit) in [
-            ("soft_limit", self.soft_limit),
-            ("hard_limit", self.hard_limit),
+            ("soft_limit", self.soft_limit.fixed()),
+            ("hard_limit", self.hard_limit.fixed()),
         ] {
             if limit.is_some_and(|l| l < MIN_MEMORY_LIMIT) {
                 return invalid(key, &format!("must be at least {MIN_MEMORY_LIMIT}"));
@@ -519,6 +540,9 @@ impl Config {
             .any(|alias| alias.trim().is_empty())
         {
             return invalid("model_aliases", "an alias cannot be empty");
+        }
+        if matches!(self.spare_workers, SpareSetting::Count(n) if n > 16) {
+            return invalid("spare_workers", "must be \"auto\" or at most 16");
         }
         if self.max_concurrent_recycles == 0 {
             return invalid("max_concurrent_recycles", "must be at least 1");

@@ -36,8 +36,8 @@ fn memory_limits_take_units() {
         Args::default(),
     )
     .unwrap();
-    assert_eq!(config.soft_limit, Some(ByteSize::mib(1536)));
-    assert_eq!(config.hard_limit, Some(ByteSize::gib(2)));
+    assert_eq!(config.soft_limit, LimitSetting::Fixed(ByteSize::mib(1536)));
+    assert_eq!(config.hard_limit, LimitSetting::Fixed(ByteSize::gib(2)));
     assert_eq!(config.chaos.leak_bytes_per_request, 1024);
     let err = load_toml(
         "model = \"/m\"\nsoft_limit = \"2GiB\"\nhard_limit = \"1GiB\"\n",
@@ -70,8 +70,9 @@ fn example_config_parses_and_shows_the_defaults() {
     };
     // Every optional key set, so serialising names them all.
     let full = Config {
-        soft_limit: Some(ByteSize::mib(100)),
-        hard_limit: Some(ByteSize::mib(200)),
+        soft_limit: LimitSetting::Fixed(ByteSize::mib(100)),
+        hard_limit: LimitSetting::Fixed(ByteSize::mib(200)),
+        spare_workers: SpareSetting::Count(1),
         max_requests: Some(1),
         max_lifetime_secs: Some(1),
         cgroup_parent: Some("/x".into()),

@@ -15,7 +15,7 @@
 //! | `inferd_up` | | always 1: the supervisor is running and answered |
 //! | `inferd_uptime_seconds` | | seconds since the supervisor started |
 //! | `inferd_workers_target` | | configured number of workers |
-//! | `inferd_workers` | `state` | live worker processes per lifecycle state; every state (`starting`, `ready`, `busy`, `draining`, `stopping`, `exiting`) is always present, 0 when none |
+//! | `inferd_workers` | `state` | live worker processes per lifecycle state; every state (`starting`, `ready`, `busy`, `draining`, `stopping`, `spare`, `exiting`) is always present, 0 when none |
 //! | `inferd_queue_depth` | | requests waiting for a worker |
 //! | `inferd_queue_capacity` | | requests the queue holds before new ones are answered `overloaded` |
 //! | `inferd_queued_bytes` | | bytes of text held by queued requests |
@@ -25,7 +25,8 @@
 //! | `inferd_unavailable` | | 1 while the pool cannot serve requests (e.g. workers fail to load; the reason is in `inferctl status` and the log), else 0 |
 //! | `inferd_last_roll_failed` | | 1 when the last rolling restart gave up because its new workers could not start (the old ones keep serving; the reason is in `inferctl status`), else 0 |
 //! | `inferd_memory_soft_limit_bytes` | | per-worker memory above which a worker is recycled gracefully; only when set |
-//! | `inferd_memory_hard_limit_bytes` | | per-worker memory above which a worker is killed (and its cgroup's limit); only when set |
+//! | `inferd_memory_hard_limit_bytes` | | per-worker memory above which a worker is killed (and its cgroup's limit); only when set (an automatic limit once derived) |
+//! | `inferd_spare_workers_target` | | loaded workers held in reserve, target (`spare_workers`, as resolved) |
 //!
 //! Per-worker gauges, one sample per live worker process:
 //!
@@ -36,6 +37,7 @@
 //! | `inferd_worker_unique_memory_bytes` | `worker_id`, `pid` | unique set size (USS); only when the memory metric reads `smaps_rollup` |
 //! | `inferd_worker_requests_served` | `worker_id`, `pid` | requests this worker answered so far |
 //! | `inferd_worker_age_seconds` | `worker_id`, `pid` | seconds since this worker was spawned |
+//! | `inferd_worker_memory_growth_bytes_per_second` | `worker_id`, `pid` | sustained memory growth (what leak-rate recycling projects against the hard limit); absent until a worker has a few seconds of readings |
 //!
 //! Counters, cumulative since the supervisor started:
 //!
@@ -50,7 +52,8 @@
 //! | `inferd_request_retries_total` | | in-flight requests re-dispatched after their worker died |
 //! | `inferd_poison_rejections_total` | | requests quarantined as poison inputs (answered `worker_lost`) |
 //! | `inferd_workers_spawned_total` | | worker processes spawned |
-//! | `inferd_recycles_total` | `trigger` | graceful recycles started, per trigger: `soft_limit`, `max_requests`, `max_lifetime`, `roll` (SIGHUP), each always present; any other trigger appears too |
+//! | `inferd_spares_promoted_total` | | spares promoted to take a dead or recycled worker's place |
+//! | `inferd_recycles_total` | `trigger` | graceful recycles started, per trigger: `soft_limit`, `max_requests`, `max_lifetime`, `roll` (SIGHUP), `leak_rate` (growth projected past the hard limit before a replacement could be Ready), each always present |
 //! | `inferd_recycles_failed_total` | `trigger` | recycles abandoned because the replacement ended before it was Ready (the old worker serves on and is judged again), per trigger, each always present |
 //! | `inferd_worker_exits_total` | `end` | worker exits per classified end: `retired`, `killed_by_supervisor`, `oom_killed`, `likely_oom_killed` (no per-worker cgroup, the host's OOM counter rose), `signaled`, `exited`, `unknown` (it could not be waited for), each always present |
 
@@ -170,6 +173,13 @@ impl Display for Exposition<'_> {
                 Some(RollState::Failed { .. })
             )),
         )?;
+        scalar(
+            f,
+            "inferd_spare_workers_target",
+            Gauge,
+            "Loaded workers held in reserve, target.",
+            status.target_spares,
+        )?;
         if let Some(bytes) = status.soft_limit_bytes {
             scalar(
                 f,
@@ -229,6 +239,14 @@ impl Display for Exposition<'_> {
             workers,
             Presence::Always,
             |w| Some(w.age_secs.into()),
+        )?;
+        per_worker(
+            f,
+            "inferd_worker_memory_growth_bytes_per_second",
+            "Sustained memory growth of each worker process.",
+            workers,
+            Presence::WhenAny,
+            |w| w.growth_bytes_per_sec.map(Number::from),
         )?;
 
         scalar(
@@ -297,6 +315,13 @@ impl Display for Exposition<'_> {
             Counter,
             "Worker processes spawned.",
             counters.workers_spawned,
+        )?;
+        scalar(
+            f,
+            "inferd_spares_promoted_total",
+            Counter,
+            "Spares promoted to take a dead or recycled worker's place.",
+            counters.spares_promoted,
         )?;
         labelled(
             f,

@@ -35,6 +35,8 @@ fn representative() -> PoolStatus {
                 age_secs: 12.5,
                 cgroup: None,
                 replaces: None,
+                spare: false,
+                growth_bytes_per_sec: Some(1024.0),
             },
             WorkerStatus {
                 id: 2,
@@ -47,6 +49,8 @@ fn representative() -> PoolStatus {
                 age_secs: 0.25,
                 cgroup: None,
                 replaces: None,
+                spare: false,
+                growth_bytes_per_sec: Some(1024.0),
             },
         ],
         queue_depth: 3,
@@ -58,6 +62,8 @@ fn representative() -> PoolStatus {
         unavailable_reason: Some("model \"m\" failed\nto load".into()),
         soft_limit_bytes: Some(1 << 30),
         hard_limit_bytes: Some(2 << 30),
+        limits_origin: "set in the configuration".into(),
+        target_spares: 1,
         cgroups: "off".into(),
         recent_exits: Vec::new(),
         roll: None,
@@ -77,6 +83,7 @@ fn representative() -> PoolStatus {
             retries: 2,
             poison_rejections: 1,
             workers_spawned: 7,
+            spares_promoted: 3,
             recycles: map(&[
                 (RecycleTrigger::SoftLimit, 1),
                 (RecycleTrigger::MaxRequests, 2),
@@ -189,6 +196,9 @@ fn representative_status_parses_with_the_expected_values() {
         "inferd_worker_unique_memory_bytes",
         "inferd_worker_requests_served",
         "inferd_worker_age_seconds",
+        "inferd_worker_memory_growth_bytes_per_second",
+        "inferd_spare_workers_target",
+        "inferd_spares_promoted_total",
         "inferd_requests_accepted_total",
         "inferd_requests_ok_total",
         "inferd_requests_failed_total",
@@ -225,8 +235,14 @@ fn representative_status_parses_with_the_expected_values() {
         f64::from(2u32 << 30)
     );
 
+    assert_eq!(v("inferd_spare_workers_target", &[]), 1.0);
+    assert_eq!(v("inferd_spares_promoted_total", &[]), 3.0);
     let w1 = [("worker_id", "1"), ("pid", "101")];
     let w2 = [("worker_id", "2"), ("pid", "102")];
+    assert_eq!(
+        v("inferd_worker_memory_growth_bytes_per_second", &w1),
+        1024.0
+    );
     let rss = "inferd_worker_resident_memory_bytes";
     assert_eq!(v(rss, &w1), f64::from(300 << 20));
     assert_eq!(v(rss, &w2), f64::from(310 << 20));
@@ -319,6 +335,7 @@ fn default_status_parses_with_zeros() {
     for absent in [
         "inferd_worker_proportional_memory_bytes",
         "inferd_worker_unique_memory_bytes",
+        "inferd_worker_memory_growth_bytes_per_second",
         "inferd_memory_soft_limit_bytes",
         "inferd_memory_hard_limit_bytes",
     ] {

@@ -15,10 +15,11 @@
 //! `requests` (admission, dispatch, answers, failover, queued deadlines),
 //! `workers` (spawning, cgroup placement, kills, reaping, exits, worker
 //! deadlines), `recycle` (memory and age verdicts, recycles, rolls),
-//! `drain` (shutdown) and `report` (status, and every systemd
-//! notification). The OS is reached through [`Seams`], so the unit tests
+//! `drain` (shutdown), `auto` (automatic limits and spares) and `report`
+//! (status, and every systemd notification). The OS is reached through [`Seams`], so the unit tests
 //! (`tests`) run the real loop on in-process fake workers with paused time.
 
+mod auto;
 mod drain;
 #[cfg(test)]
 mod fake;
@@ -45,8 +46,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::cgroup::{self, Cgroups, Leaf};
-use crate::config::Config;
+use crate::config::{Config, LimitSetting};
 use crate::connections::ConnectionLimits;
+use crate::limits::{self, Derived, MemoryBudget};
 use crate::memory::{MemorySource, MemoryUsage};
 use crate::notify::Notifier;
 use crate::policy::{RecyclePolicy, RestartPacer, Verdict, WorkerFacts};
@@ -54,6 +56,7 @@ use crate::process::{self, KillReason, OomEvidence, RetireReason, WorkerEnd};
 use crate::queue::{FairQueue, Measure};
 use crate::request::{ClientKey, Outcome, Request, Responder, Task};
 use crate::worker::{IoEvent, Worker, WorkerState};
+use auto::Spawn;
 use recycle::{Recycle, RollProgress};
 
 /// How often deadlines, stuck workers and missed reaps are checked.
@@ -217,6 +220,8 @@ pub struct Pool {
     pacer: RestartPacer,
     /// Recycle and kill decisions.
     policy: RecyclePolicy,
+    /// The limits and spare count in force, as resolved from `config`.
+    limits: Derived,
     /// Memory readings and cgroups.
     seams: Seams,
     /// Last periodic memory check.
@@ -313,6 +318,8 @@ impl Pool {
         io_events: mpsc::UnboundedSender<(u64, IoEvent)>,
         now: Instant,
     ) -> Pool {
+        let limits = limits::derive(&config, None, MemoryBudget::read().as_ref());
+        info!(origin = %limits.origin, "memory limits");
         Pool {
             workers: BTreeMap::new(),
             queue: FairQueue::new(),
@@ -321,7 +328,8 @@ impl Pool {
             next_request_id: 1,
             io_events,
             pacer: RestartPacer::new(config.max_restarts, config.restart_period(), now),
-            policy: RecyclePolicy::from_config(&config),
+            policy: RecyclePolicy::new(&config, &limits),
+            limits,
             seams,
             last_memory_check: now,
             recent_exits: VecDeque::new(),
@@ -380,12 +388,14 @@ impl Pool {
                 load_ms,
             }) => {
                 if worker.mark_ready(now) {
-                    info!(worker_id, pid, %model, dims, load_ms, "worker ready");
+                    let spare = worker.spare;
+                    info!(worker_id, pid, %model, dims, load_ms, spare, "worker ready");
                     self.pacer.started();
                     let generation = worker.generation;
                     self.prove_roll(generation, worker_id);
+                    self.on_worker_ready(worker_id, now);
                     self.hand_over(worker_id, now);
-                    if !self.announced_ready && self.roll.is_none() {
+                    if !self.announced_ready && self.roll.is_none() && !spare {
                         // The socket is bound before the pool starts, so
                         // this is the moment the daemon can serve.
                         self.announce_ready();

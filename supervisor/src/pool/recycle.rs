@@ -146,10 +146,12 @@ impl Pool {
         self.commit_config(candidate, generation);
     }
 
+    /// `config` is the pool's from now on; what it leaves "auto" is
+    /// derived again from the first worker started from it.
     pub(super) fn commit_config(&mut self, config: Arc<Config>, generation: u64) {
-        self.policy = RecyclePolicy::from_config(&config);
         self.config = config;
         self.config_generation = generation;
+        self.resolve_limits(None);
     }
 
     /// A new worker of generation `generation` ended before it was Ready:
@@ -206,7 +208,7 @@ impl Pool {
         let Some(worker) = self.workers.get_mut(&worker_id) else {
             return;
         };
-        if !worker.is_serving() && !worker.has_job() {
+        if !worker.is_serving() && !worker.has_job() && !worker.is_ready_spare() {
             return;
         }
         // One procfs read per judgement, kept for status too.
@@ -225,17 +227,23 @@ impl Pool {
                 }
             };
         }
+        let memory_bytes = worker.memory.and_then(|usage| self.policy.figure(usage));
+        if let Some(bytes) = memory_bytes {
+            worker.history.record(now, bytes);
+        }
         let facts = WorkerFacts {
             id: worker.id,
             age: now.duration_since(worker.spawned),
             requests_served: worker.requests_served,
-            memory_bytes: worker.memory.and_then(|usage| self.policy.figure(usage)),
+            memory_bytes,
+            growth_per_sec: worker.history.growth_per_sec(),
             stale: self
                 .roll
                 .as_ref()
                 .is_some_and(|r| worker.generation < r.generation),
         };
         let serving = worker.is_serving();
+        let spare = worker.is_ready_spare();
         let has_leaf = worker.leaf.is_some();
         let being_replaced = self.recycles.iter().any(|r| r.old == worker_id);
         match self.policy.judge(&facts) {
@@ -250,6 +258,15 @@ impl Pool {
             }
             Verdict::Recycle(reason) if serving && !being_replaced => {
                 self.start_recycle(worker_id, reason, now);
+            }
+            // A spare serves no one: it is retired, and a new one (from
+            // the configuration in force) starts behind it.
+            Verdict::Recycle(reason) if spare => {
+                if let Some(worker) = self.workers.get_mut(&worker_id) {
+                    info!(worker_id, %reason, "retiring a spare");
+                    worker.retire(reason, now);
+                }
+                self.ensure_workers(now);
             }
             Verdict::Recycle(_) => {}
         }
@@ -278,7 +295,13 @@ impl Pool {
         if in_progress >= self.config.max_concurrent_recycles as usize {
             return;
         }
-        if let Some(new_id) = self.spawn(true, now) {
+        // A loaded spare takes over at once; otherwise a replacement loads.
+        let promoted = self.ready_spare();
+        let new_id = match promoted {
+            Some(spare_id) => Some(spare_id),
+            None => self.spawn(Spawn::Replacement, now),
+        };
+        if let Some(new_id) = new_id {
             self.recycles.push(Recycle {
                 old: old_id,
                 replacement: new_id,
@@ -295,10 +318,19 @@ impl Pool {
                 pid = old.map(|w| w.pid.as_raw()),
                 %reason,
                 replacement_id = new_id,
+                spare = promoted.is_some(),
                 memory_bytes = ?old.and_then(|w| w.memory).map(|m| m.rss_bytes),
                 requests_served = old.map(|w| w.requests_served),
-                "recycling worker: replacement spawned"
+                "recycling worker"
             );
+            if promoted.is_some() {
+                if let Some(spare) = self.workers.get_mut(&new_id) {
+                    spare.promote(now);
+                    self.counters.spares_promoted += 1;
+                }
+                self.hand_over(new_id, now);
+                self.ensure_workers(now);
+            }
         }
     }
 
@@ -370,7 +402,7 @@ impl Pool {
         let established = self
             .workers
             .values()
-            .filter(|w| w.is_live() && !self.is_loading_replacement(w.id))
+            .filter(|w| w.is_active() && !self.is_loading_replacement(w.id))
             .count();
         if established <= self.config.workers as usize {
             return;

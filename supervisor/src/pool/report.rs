@@ -68,8 +68,9 @@ impl Pool {
             .filter(|(kind, _)| kind.is_oom())
             .map(|(_, n)| n)
             .sum();
+        let spares = self.workers.values().filter(|w| w.is_ready_spare()).count();
         let mut line = format!(
-            "{ready}/{} workers ready, {recycles} recycles, {oom} OOM kills, queue {}",
+            "{ready}/{} workers ready, {spares} spare, {recycles} recycles, {oom} OOM kills, queue {}",
             self.config.workers,
             self.queue.len()
         );
@@ -113,6 +114,8 @@ impl Pool {
                             .iter()
                             .find(|r| r.replacement == w.id && r.stage == RecycleStage::Loading)
                             .map(|r| r.old),
+                        spare: w.spare,
+                        growth_bytes_per_sec: w.history.growth_per_sec(),
                     }
                 })
                 .collect(),
@@ -125,6 +128,8 @@ impl Pool {
             unavailable_reason: self.unavailable(),
             soft_limit_bytes: self.policy.soft_limit,
             hard_limit_bytes: self.policy.hard_limit,
+            limits_origin: self.limits.origin.clone(),
+            target_spares: self.limits.spares,
             cgroups: self.seams.cgroup_summary.clone(),
             recent_exits: self.recent_exits.iter().cloned().collect(),
             roll: self

@@ -111,7 +111,7 @@ async fn a_protocol_error_from_a_draining_worker_retries_its_request() {
     let dir = tempfile::tempdir().unwrap();
     let mut pool = pool_of_sleepers(dir.path());
     let now = Instant::now();
-    let worker_id = pool.spawn(false, now).expect("spawned");
+    let worker_id = pool.spawn(Spawn::Fill, now).expect("spawned");
     let request = queued_request(&mut pool, now);
     let worker = pool.workers.get_mut(&worker_id).unwrap();
     assert!(worker.mark_ready(now));
@@ -172,13 +172,31 @@ struct Harness {
     next_id: AtomicU64,
 }
 
-/// `workers` fake workers, no memory limits, recycles allowed at any age.
+/// `workers` fake workers, no spare, no memory limits (the fakes have no
+/// memory to read), recycles allowed at any age.
 fn fake_config(workers: u32) -> Config {
     Config {
         workers,
         min_lifetime_ms: 0,
+        spare_workers: crate::config::SpareSetting::Count(0),
         ..(*workerless_config()).clone()
     }
+}
+
+/// [`fake_config`] with one spare.
+fn with_a_spare(workers: u32) -> Config {
+    Config {
+        spare_workers: crate::config::SpareSetting::Count(1),
+        ..fake_config(workers)
+    }
+}
+
+fn spares(status: &PoolStatus) -> usize {
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerStateKind::Spare)
+        .count()
 }
 
 impl Harness {
@@ -554,4 +572,105 @@ async fn status_shows_a_recycle_while_its_replacement_loads() {
         s.recycles.is_empty() && !pids(s).contains(&old)
     })
     .await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_spare_takes_a_dead_workers_place_at_once() {
+    let pool = Harness::start(with_a_spare(2), Script::default()).await;
+    pool.wait_for("the spare is loaded", |s| spares(s) == 1)
+        .await;
+    assert!(pool
+        .embed(&["a spare takes no work"], None)
+        .await
+        .unwrap()
+        .is_ok());
+    let answer = pool.embed(&[CRASH_ONCE], None).await.unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
+    // The retry was answered after the death was seen; the spare took
+    // the dead worker's place then, not after a 300 ms load.
+    let status = pool.status().await;
+    assert_eq!(serving(&status), 2, "{status:?}");
+    assert_eq!(status.counters.spares_promoted, 1);
+    assert_eq!(status.target_spares, 1);
+    let status = pool
+        .wait_for("a new spare is loaded", |s| {
+            spares(s) == 1 && serving(s) == 2
+        })
+        .await;
+    assert_eq!(status.workers.len(), 3, "{status:?}");
+    let spare = status
+        .workers
+        .iter()
+        .find(|w| w.state == WorkerStateKind::Spare)
+        .unwrap();
+    assert_eq!(spare.requests_served, 0, "a spare is never dispatched to");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn without_a_spare_a_death_leaves_a_gap_while_the_replacement_loads() {
+    let pool = Harness::start(fake_config(2), Script::default()).await;
+    assert!(pool.embed(&[CRASH_ONCE], None).await.unwrap().is_ok());
+    assert_eq!(
+        serving(&pool.status().await),
+        1,
+        "the counterpart of the spare test"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_recycle_promotes_the_spare_and_serving_never_dips() {
+    let config = Config {
+        max_requests: Some(1),
+        ..with_a_spare(2)
+    };
+    let pool = Harness::start(config, Script::default()).await;
+    pool.wait_for("the spare is loaded", |s| spares(s) == 1)
+        .await;
+    for round in 0..3 {
+        assert!(pool.embed(&["recycle me"], None).await.unwrap().is_ok());
+        // Every 10 ms for 2 s: the recycle, the old worker's exit and the
+        // new spare's load.
+        for _ in 0..200 {
+            let status = pool.status().await;
+            assert!(serving(&status) >= 2, "round {round}: {status:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let status = pool.status().await;
+    assert_eq!(
+        status.counters.recycles.get(&RecycleTrigger::MaxRequests),
+        Some(&3)
+    );
+    assert_eq!(status.counters.spares_promoted, 3);
+    assert_eq!(spares(&status), 1);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_roll_replaces_the_spare_too() {
+    let pool = Harness::start(with_a_spare(2), Script::default()).await;
+    let before = pool
+        .wait_for("the spare is loaded", |s| spares(s) == 1)
+        .await;
+    let (tx, mut answers) = mpsc::unbounded_channel();
+    pool.pool
+        .send(PoolMsg::Roll {
+            config: None,
+            responder: Some(Responder::new(7, tx)),
+        })
+        .await
+        .unwrap();
+    match answers.recv().await {
+        Some(ServerMessage::Rolled { replaced, .. }) => assert_eq!(replaced, 2),
+        other => panic!("the roll's answer: {other:?}"),
+    }
+    let after = pool
+        .wait_for("a new spare is loaded", |s| {
+            spares(s) == 1 && serving(s) == 2
+        })
+        .await;
+    let old: Vec<u32> = pids(&before);
+    assert!(
+        pids(&after).iter().all(|pid| !old.contains(pid)),
+        "every worker, the spare included, is new: {before:?} -> {after:?}"
+    );
 }

@@ -168,27 +168,34 @@ impl Pool {
         ))
     }
 
-    /// Spawns workers up to the target, paced by the restart backoff.
+    /// Brings the pool to its target: a missing worker's place goes to a
+    /// spare at once where there is one, else to a new worker (paced by
+    /// the restart backoff); then spares are started up to theirs.
     pub(super) fn ensure_workers(&mut self, now: Instant) {
         if let Phase::Draining { .. } = self.phase {
             if self.queue.is_empty() {
                 return;
             }
         }
-        while self.workers.values().filter(|w| w.is_live()).count() < self.config.workers as usize {
-            if !self.pacer.may_spawn(now) || self.spawn(false, now).is_none() {
+        while self.workers.values().filter(|w| w.is_active()).count() < self.config.workers as usize
+        {
+            if self.promote_spare(now) {
+                continue;
+            }
+            if !self.pacer.may_spawn(now) || self.spawn(Spawn::Fill, now).is_none() {
                 return;
             }
         }
+        self.ensure_spares(now);
     }
 
-    /// Starts one worker (in its own cgroup leaf where possible); `replaces`
-    /// marks it as the replacement in a recycle. Returns its id.
-    /// A replacement during a roll starts from the roll's configuration;
-    /// any other worker from the pool's.
-    pub(super) fn spawn(&mut self, for_recycle: bool, now: Instant) -> Option<u64> {
+    /// Starts one worker (in its own cgroup leaf where possible), for
+    /// `purpose`. Returns its id. During a roll, replacements and spares
+    /// start from the roll's configuration (a spare of the old one would
+    /// only be replaced again); any other worker from the pool's.
+    pub(super) fn spawn(&mut self, purpose: Spawn, now: Instant) -> Option<u64> {
         let (config, generation) = match &self.roll {
-            Some(roll) if for_recycle => (Arc::clone(&roll.candidate), roll.generation),
+            Some(roll) if purpose != Spawn::Fill => (Arc::clone(&roll.candidate), roll.generation),
             _ => (Arc::clone(&self.config), self.config_generation),
         };
         let worker_id = self.next_worker_id;
@@ -212,8 +219,9 @@ impl Pool {
             self.io_events.clone(),
             now,
         );
-        info!(worker_id, pid = pid.as_raw(), cgroup = ?worker.leaf.as_ref().map(Leaf::path), "worker spawned");
+        info!(worker_id, pid = pid.as_raw(), cgroup = ?worker.leaf.as_ref().map(Leaf::path), ?purpose, "worker spawned");
         worker.generation = generation;
+        worker.spare = purpose == Spawn::Spare;
         self.counters.workers_spawned += 1;
         self.workers.insert(worker_id, worker);
         Some(worker_id)
@@ -226,7 +234,7 @@ impl Pool {
         config: &Config,
     ) -> Option<Leaf> {
         let cgroups = self.seams.cgroups.as_ref()?;
-        let limit = config.hard_limit?.as_u64();
+        let limit = self.leaf_limit(config)?;
         // The supervisor pid keeps leaves of daemons sharing a parent apart.
         let name = format!("inferd-{}-worker-{worker_id}", std::process::id());
         let placed = cgroups

@@ -6,7 +6,7 @@
 //! | `GET /v1/models` | OpenAI's model list: the served model and its aliases |
 //! | `POST /embed` | text-embeddings-inference's `[[f32]]` |
 //! | `POST /tokenize` | TEI's tokens, as the model's tokenizer makes them |
-//! | `GET /info` | model name, dims (once known), limits, version |
+//! | `GET /info` | model name, dims (once known), request limits, memory limits (and how "auto" derived them), version |
 //! | `GET /health` | 200 while a worker is ready, else 503 |
 //! | `GET /metrics` | `inferctl metrics`' Prometheus text (control access) |
 //!

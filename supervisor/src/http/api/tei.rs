@@ -156,6 +156,16 @@ pub(super) async fn info(State(conn): Conn) -> Json<Value> {
     let config = conn.config();
     let config = &config;
     let model = model_name(config);
+    // The limits in force: "auto" ones exist only once derived by the pool.
+    let memory = status(&conn).await.ok().map(|s| {
+        json!({
+            "soft_limit_bytes": s.soft_limit_bytes,
+            "hard_limit_bytes": s.hard_limit_bytes,
+            "limits_origin": s.limits_origin,
+            "spare_workers": s.target_spares,
+            "cgroups": s.cgroups,
+        })
+    });
     Json(json!({
         "model_id": model,
         "dims": conn.shared.dims(&model),
@@ -166,6 +176,7 @@ pub(super) async fn info(State(conn): Conn) -> Json<Value> {
         "max_text_bytes": config.max_text_bytes,
         "max_frame_bytes": config.max_frame_bytes,
         "normalize": config.normalize,
+        "memory": memory,
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }
