@@ -1,5 +1,6 @@
 //! The daemon's TOML config: built from the flags, patched by `--set` and
-//! `--unset`, plus the memory sizes and limits read back from it.
+//! `--unset`, plus what it asks of the daemon's memory handling, read back
+//! from it.
 
 use std::path::Path;
 
@@ -16,14 +17,15 @@ pub(crate) fn daemon_config(args: &Args, socket: &Path, model: &Path) -> Result<
     config.insert("workers".into(), Value::Integer(args.workers.into()));
     config.insert("model".into(), path_value(model)?);
     if !args.no_leak_keys {
-        config.insert(
-            "soft_limit".into(),
-            Value::String(args.soft_limit.text.clone()),
-        );
-        config.insert(
-            "hard_limit".into(),
-            Value::String(args.hard_limit.text.clone()),
-        );
+        // A limit not given is left out, so the daemon's own default applies.
+        for (key, value) in [
+            ("soft_limit", &args.soft_limit),
+            ("hard_limit", &args.hard_limit),
+        ] {
+            if let Some(value) = value {
+                config.insert(key.into(), Value::String(value.clone()));
+            }
+        }
         if let Some(n) = args.max_requests {
             config.insert("max_requests".into(), integer(n, "--max-requests")?);
         }
@@ -99,89 +101,75 @@ fn unset(table: &mut Table, key: &str) -> bool {
     }
 }
 
-/// A memory size as given (`"260MiB"`) and in bytes.
+/// A `--soft-limit`/`--hard-limit` value: a size (see [`parse_size`]),
+/// `auto` or `off`. Checked here so a typo fails before the daemon starts,
+/// but passed to the daemon as written: the daemon decides what it means.
+pub(crate) fn parse_limit(text: &str) -> Result<String, String> {
+    let trimmed = text.trim();
+    if !["auto", "off"].contains(&trimmed) {
+        parse_size(trimmed)?;
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// Parses `N[.N][unit]` with unit B, KB/MB/GB (powers of 1000) or K/M/G,
+/// KiB/MiB/GiB (powers of 1024); no unit means bytes.
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a size such as 300MiB, or auto, or off"))?;
+    let multiplier: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => MIB,
+        "g" | "gib" => MIB * 1024.0,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    Ok((number * multiplier).round() as u64)
+}
+
+/// What the final config asks of the daemon's memory handling, read back
+/// from it so that `--set` and `--unset` are reflected. The limits the daemon
+/// actually applies come from its status (see `scenario::DaemonLimits`):
+/// "auto", or a key left out, only the daemon can resolve.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Size {
-    /// The text as given, passed to the daemon unchanged.
-    pub(crate) text: String,
-    /// Its value, for the plot and the summary.
-    pub(crate) bytes: u64,
-}
-
-impl Size {
-    /// Parses `N[.N][unit]` with unit B, KB/MB/GB (powers of 1000) or
-    /// K/M/G, KiB/MiB/GiB (powers of 1024); no unit means bytes.
-    pub(crate) fn parse(text: &str) -> Result<Size, String> {
-        let trimmed = text.trim();
-        let split = trimmed
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(trimmed.len());
-        let (number, unit) = trimmed.split_at(split);
-        let number: f64 = number
-            .parse()
-            .map_err(|_| format!("{text:?}: expected a size such as 300MiB"))?;
-        let multiplier: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1.0,
-            "kb" => 1e3,
-            "mb" => 1e6,
-            "gb" => 1e9,
-            "k" | "kib" => 1024.0,
-            "m" | "mib" => MIB,
-            "g" | "gib" => MIB * 1024.0,
-            other => {
-                return Err(format!(
-                    "{text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
-                ))
-            }
-        };
-        Ok(Size {
-            text: trimmed.to_owned(),
-            bytes: (number * multiplier).round() as u64,
-        })
-    }
-
-    pub(crate) fn mib(&self) -> f64 {
-        self.bytes as f64 / MIB
-    }
-}
-
-/// The limits the plot and summary show, read back from the final config so
-/// that `--set` overrides are reflected.
-#[derive(Debug, Clone)]
-pub(crate) struct Limits {
-    pub(crate) soft: Size,
-    pub(crate) hard: Size,
-    /// Whether the daemon was given the limits (false: drawn for reference).
-    pub(crate) soft_configured: bool,
-    pub(crate) hard_configured: bool,
+pub(crate) struct Requested {
+    /// `soft_limit` as written in the config; `None`: left to the daemon.
+    pub(crate) soft_limit: Option<String>,
+    /// `hard_limit` likewise.
+    pub(crate) hard_limit: Option<String>,
     /// `chaos.leak_bytes_per_request` as configured, if any.
     pub(crate) leak_bytes: Option<u64>,
     /// `max_requests` as configured, if any.
     pub(crate) max_requests: Option<u64>,
 }
 
-impl Limits {
-    pub(crate) fn from_config(config: &Table, args: &Args) -> Limits {
-        let size_key = |key: &str| match config.get(key) {
-            Some(Value::String(s)) => Size::parse(s).ok(),
-            Some(Value::Integer(n)) => u64::try_from(*n).ok().map(|bytes| Size {
-                text: n.to_string(),
-                bytes,
-            }),
-            _ => None,
+impl Requested {
+    pub(crate) fn from_config(config: &Table) -> Requested {
+        let text = |key: &str| match config.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
         };
         let uint = |value: Option<&Value>| {
             value
                 .and_then(Value::as_integer)
                 .and_then(|n| u64::try_from(n).ok())
         };
-        let soft = size_key("soft_limit");
-        let hard = size_key("hard_limit");
-        Limits {
-            soft_configured: soft.is_some(),
-            hard_configured: hard.is_some(),
-            soft: soft.unwrap_or_else(|| args.soft_limit.clone()),
-            hard: hard.unwrap_or_else(|| args.hard_limit.clone()),
+        Requested {
+            soft_limit: text("soft_limit"),
+            hard_limit: text("hard_limit"),
             leak_bytes: uint(
                 config
                     .get("chaos")
@@ -214,40 +202,51 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(
-            Size::parse("260MiB").map(|s| s.bytes),
-            Ok(260 * 1024 * 1024)
-        );
-        assert_eq!(Size::parse(" 400 MB ").map(|s| s.bytes), Ok(400_000_000));
-        assert_eq!(
-            Size::parse("1.5GiB").map(|s| s.bytes),
-            Ok(3 * 512 * 1024 * 1024)
-        );
-        assert_eq!(Size::parse("4096").map(|s| s.bytes), Ok(4096));
-        assert!(Size::parse("lots").is_err());
-        assert!(Size::parse("3 parsecs").is_err());
+    fn sizes_and_limits_parse() {
+        assert_eq!(parse_size("260MiB"), Ok(260 * 1024 * 1024));
+        assert_eq!(parse_size(" 400 MB "), Ok(400_000_000));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 * 512 * 1024 * 1024));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+        assert_eq!(parse_limit(" 1GiB "), Ok("1GiB".to_owned()));
+        assert_eq!(parse_limit("auto"), Ok("auto".to_owned()));
+        assert_eq!(parse_limit("off"), Ok("off".to_owned()));
+        assert!(parse_limit("automatic").is_err());
     }
 
     #[test]
-    fn default_config_has_leak_keys_and_round_trips() {
+    fn default_config_leaves_limits_to_the_daemon_and_round_trips() {
         let table = config(&[]);
         let text = toml::to_string(&table).expect("serialises");
         let back: Table = text.parse().expect("valid TOML");
         assert_eq!(back, table);
-        assert_eq!(back["soft_limit"].as_str(), Some("260MiB"));
-        assert_eq!(back["hard_limit"].as_str(), Some("400MiB"));
+        assert!(back.get("soft_limit").is_none(), "{text}");
+        assert!(back.get("hard_limit").is_none(), "{text}");
         assert_eq!(
             back["chaos"]["leak_bytes_per_request"].as_integer(),
             Some(2_097_152)
         );
         assert_eq!(back["workers"].as_integer(), Some(2));
         assert!(back.get("max_requests").is_none());
+        let requested = Requested::from_config(&back);
+        assert_eq!(requested.soft_limit, None);
+        assert_eq!(requested.hard_limit, None);
+    }
+
+    #[test]
+    fn given_limits_pass_through_as_written() {
+        let table = config(&["--soft-limit", "auto", "--hard-limit", "2GiB"]);
+        assert_eq!(table["soft_limit"].as_str(), Some("auto"));
+        assert_eq!(table["hard_limit"].as_str(), Some("2GiB"));
+        let table = config(&["--hard-limit", "off"]);
+        assert!(table.get("soft_limit").is_none());
+        assert_eq!(table["hard_limit"].as_str(), Some("off"));
     }
 
     #[test]
     fn no_leak_keys_leaves_only_todays_keys() {
-        let table = config(&["--no-leak-keys"]);
+        let table = config(&["--no-leak-keys", "--soft-limit", "1GiB"]);
         let keys: Vec<&str> = table.keys().map(String::as_str).collect();
         assert_eq!(keys, ["model", "socket", "workers"]);
     }
@@ -255,6 +254,8 @@ mod tests {
     #[test]
     fn set_merges_raw_toml_and_unset_removes() {
         let table = config(&[
+            "--hard-limit",
+            "400MiB",
             "--set",
             "soft_limit=300MiB",
             "--set",
@@ -272,13 +273,9 @@ mod tests {
         );
         assert_eq!(table["memory"]["hard_limit"].as_str(), Some("1GiB"));
         assert!(table.get("hard_limit").is_none());
-        let limits = Limits::from_config(&table, &args(&[]));
-        assert_eq!(limits.soft.text, "300MiB");
-        assert!(limits.soft_configured);
-        assert!(
-            !limits.hard_configured,
-            "hard limit drawn from the flag, marked unconfigured"
-        );
+        let requested = Requested::from_config(&table);
+        assert_eq!(requested.soft_limit.as_deref(), Some("300MiB"));
+        assert_eq!(requested.hard_limit, None, "--unset wins over the flag");
         assert!(parse_set("no equals sign").is_err());
         let mut table = table;
         assert!(!unset(&mut table, "chaos.nope"));

@@ -5,7 +5,8 @@
 //!
 //! 1. **Config.** Builds the daemon's TOML config as a table: socket (in a
 //!    temp dir), workers, model, and, unless `--no-leak-keys`, the recycling
-//!    keys `soft_limit`, `hard_limit`, optional `max_requests` and
+//!    keys `soft_limit` and `hard_limit` (only when given: left out, the
+//!    daemon's own default applies), optional `max_requests` and
 //!    `[chaos] leak_bytes_per_request` (each worker keeps that many bytes per
 //!    request: a simulated leak). Every `--set` line is parsed as raw TOML and
 //!    merged on top, and `--unset` removes a key, so the tool keeps working
@@ -15,22 +16,28 @@
 //!    `OUT/inferd.log`) under a [`Daemon`] guard that SIGTERMs, then SIGKILLs,
 //!    the daemon on every exit path, and polls `status` (bounded by
 //!    `--startup-timeout`) until every worker is ready.
-//! 3. **Load.** `--clients` tasks, one connection each, send one-text embed
-//!    requests (a rotating set of short sentences) back to back until
-//!    `--duration` has passed. Each request is bounded by `--request-timeout`;
-//!    every failure is kept with its kind and its error text. A connection
-//!    error drops the connection and reconnects after a short pause.
+//! 3. **Load.** `--clients` tasks, one connection each, send embed requests
+//!    back to back until `--duration` has passed: one short sentence each
+//!    (`--traffic short`), or a cycle of short, long and batch requests
+//!    (`--traffic mixed`). Each request is bounded by `--request-timeout`;
+//!    every failure is kept with its request kind, error kind and error text.
+//!    A connection error drops the connection and reconnects after a short
+//!    pause.
 //! 4. **Sample.** Meanwhile, every `--interval-ms`, the main task reads
-//!    `status` (each worker's id, pid, state, RSS) and the supervisor's own RSS
-//!    and CPU time from `/proc/PID/statm` and `/proc/PID/stat`. It also notices
-//!    the daemon exiting early and Ctrl-C, both of which end the run early.
+//!    `status` (each worker's id, pid, state, RSS; the limits and spare
+//!    target the daemon resolved) and the supervisor's own RSS and CPU time
+//!    from `/proc/PID/statm` and `/proc/PID/stat`. With `--kill-every`, it
+//!    SIGKILLs one serving worker from the latest sample on schedule. It
+//!    also notices the daemon exiting early and Ctrl-C, both of which end
+//!    the run early.
 //! 5. **Stop.** Joins the clients (bounded), reads the final counters, sends
 //!    SIGTERM and waits for the exit (bounded by `--shutdown-timeout`, then
 //!    SIGKILL).
 //! 6. **Report.** Writes `samples.csv`, `failures.csv`, `summary.json` and
 //!    `rss.svg` (worker RSS over time with the limits, and the supervisor's
 //!    RSS in a lower panel) into `--out`, and prints a Markdown table plus the
-//!    exact command line. Exits non-zero if the daemon died or was killed, or
+//!    exact command line. The limits reported and drawn are those the
+//!    daemon's status gave, not the flags. Exits non-zero if the daemon died or was killed, or
 //!    the run was interrupted, after writing what it has.
 //!
 //! "Serving" workers below are those in state `ready` or `busy`: under load a
@@ -42,6 +49,7 @@
 mod config;
 mod csv;
 mod daemon;
+mod kills;
 mod load;
 mod plot;
 mod procfs;
@@ -55,9 +63,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use crate::config::{daemon_config, Limits, Size};
+use crate::config::{daemon_config, parse_limit, Requested};
 use crate::csv::{write_failures_csv, write_samples_csv};
 use crate::daemon::Daemon;
+use crate::load::Traffic;
 use crate::plot::plot;
 use crate::procfs::ProcClock;
 use crate::report::{command_line, Report};
@@ -87,7 +96,14 @@ struct Args {
     /// Concurrent client connections sending requests back to back.
     #[arg(long, default_value_t = 4)]
     clients: usize,
-    /// Sampling period of status and /proc, in milliseconds.
+    /// What the clients send.
+    #[arg(long, value_enum, default_value_t = Traffic::Short)]
+    traffic: Traffic,
+    /// SIGKILL one serving (ready or busy, never spare) worker every this
+    /// many seconds of load, the first at SECS [default: none].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    kill_every: Option<u64>,
+    /// Sampling period of status and /proc, in milliseconds (at least 10).
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
     interval_ms: u64,
     /// Worker processes.
@@ -96,12 +112,14 @@ struct Args {
     /// Bytes each worker keeps per request (`[chaos] leak_bytes_per_request`).
     #[arg(long, default_value_t = 2_097_152)]
     leak_bytes: u64,
-    /// Graceful-recycle limit (`soft_limit`), e.g. 260MiB.
-    #[arg(long, default_value = "260MiB", value_parser = Size::parse)]
-    soft_limit: Size,
-    /// Kill limit (`hard_limit`), e.g. 400MiB.
-    #[arg(long, default_value = "400MiB", value_parser = Size::parse)]
-    hard_limit: Size,
+    /// Graceful-recycle limit (`soft_limit`): a size such as 260MiB, `auto`
+    /// or `off` [default: not set: the daemon's own default (auto)].
+    #[arg(long, value_name = "SIZE|auto|off", value_parser = parse_limit)]
+    soft_limit: Option<String>,
+    /// Kill limit (`hard_limit`): a size such as 400MiB, `auto` or `off`
+    /// [default: not set: the daemon's own default (auto)].
+    #[arg(long, value_name = "SIZE|auto|off", value_parser = parse_limit)]
+    hard_limit: Option<String>,
     /// Recycle a worker after this many requests (`max_requests`) [default: not set].
     #[arg(long)]
     max_requests: Option<u64>,
@@ -171,7 +189,7 @@ fn run(args: Args) -> Result<()> {
         .context("creating a temp dir")?;
     let socket = tmp.path().join("inferd.sock");
     let config = daemon_config(&args, &socket, &model_file)?;
-    let limits = Limits::from_config(&config, &args);
+    let requested = Requested::from_config(&config);
     let config_text = toml::to_string(&config).context("writing the daemon config as TOML")?;
     let config_path = tmp.path().join("inferd.toml");
     std::fs::write(&config_path, &config_text)
@@ -189,7 +207,10 @@ fn run(args: Args) -> Result<()> {
         log_path.display()
     );
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // The clients run on the worker threads; the sampler, in `block_on`, on
+    // this one, so decoding big answers does not delay a sample.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -197,7 +218,7 @@ fn run(args: Args) -> Result<()> {
     let exit = daemon.stop(Duration::from_secs(args.shutdown_timeout));
     drop(runtime);
 
-    let report = Report::new(&args, &command, &config_text, &limits, &recorded, &exit);
+    let report = Report::new(&args, &command, &config_text, &requested, &recorded, &exit);
     write_samples_csv(&args.out.join("samples.csv"), &recorded.samples)?;
     write_failures_csv(&args.out.join("failures.csv"), &recorded.load.failures)?;
     let summary_path = args.out.join("summary.json");
@@ -207,7 +228,7 @@ fn run(args: Args) -> Result<()> {
     plot(
         &args.out.join("rss.svg"),
         &recorded.samples,
-        &limits,
+        recorded.settings.last().map(|(_, settings)| settings),
         [&report.title(), &report.supervisor_title()],
     )?;
     print!("{}", report.markdown(&args.out));

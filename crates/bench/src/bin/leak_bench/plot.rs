@@ -1,13 +1,12 @@
-//! `rss.svg`: worker RSS over time against the limits, with the supervisor's
-//! RSS in a lower panel.
+//! `rss.svg`: worker RSS over time against the limits the daemon applied (as
+//! its last status gave them), with the supervisor's RSS in a lower panel.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Result;
 
-use crate::config::Limits;
-use crate::scenario::Sample;
+use crate::scenario::{DaemonSettings, Sample};
 use crate::MIB;
 
 /// Distinguishable line colours for workers (matplotlib's tab10 without its
@@ -28,7 +27,7 @@ const WORKER_COLORS: [(u8, u8, u8); 8] = [
 pub(crate) fn plot(
     path: &Path,
     samples: &[Sample],
-    limits: &Limits,
+    settings: Option<&DaemonSettings>,
     titles: [&str; 2],
 ) -> Result<()> {
     use plotters::prelude::*;
@@ -52,8 +51,20 @@ pub(crate) fn plot(
     let highest =
         |points: &mut dyn Iterator<Item = &(f64, f64)>| points.map(|(_, y)| *y).fold(0.0, f64::max);
     let worker_max = highest(&mut workers.values().flatten());
+    let limits: Vec<(&str, f64, RGBColor)> = [
+        (
+            "soft limit",
+            settings.and_then(|s| s.soft_limit_bytes),
+            RGBColor(230, 140, 0),
+        ),
+        ("hard limit", settings.and_then(|s| s.hard_limit_bytes), RED),
+    ]
+    .into_iter()
+    .filter_map(|(name, bytes, color)| Some((name, bytes? as f64 / MIB, color)))
+    .collect();
+    let limit_max = limits.iter().map(|(_, mib, _)| *mib).fold(0.0, f64::max);
     // Head room above the highest line for the legend box.
-    let y_max = (limits.hard.mib().max(limits.soft.mib()).max(worker_max) * 1.3).max(1.0);
+    let y_max = (limit_max.max(worker_max) * 1.3).max(1.0);
     let sup_max = (highest(&mut supervisor.iter()) * 1.25).max(1.0);
     let whole = |v: &f64| format!("{v:.0}");
 
@@ -90,30 +101,17 @@ pub(crate) fn plot(
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         }
     }
-    for (size, configured, name, color) in [
-        (
-            &limits.soft,
-            limits.soft_configured,
-            "soft limit",
-            RGBColor(230, 140, 0),
-        ),
-        (&limits.hard, limits.hard_configured, "hard limit", RED),
-    ] {
-        let y = size.mib();
-        // A limit the daemon was not given is drawn faint, for reference.
-        let (style, note) = if configured {
-            (color.stroke_width(2), "")
-        } else {
-            (color.mix(0.4).stroke_width(2), " (not configured)")
-        };
+    // A limit the daemon does not apply (off, or not derived yet) has no line.
+    for (name, mib, color) in limits {
+        let style = color.stroke_width(2);
         chart
             .draw_series(DashedLineSeries::new(
-                vec![(0.0, y), (x_max, y)],
+                vec![(0.0, mib), (x_max, mib)],
                 8,
                 5,
                 style,
             ))?
-            .label(format!("{name} {}{note}", size.text))
+            .label(format!("{name} {mib:.0} MiB"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
     }
     chart

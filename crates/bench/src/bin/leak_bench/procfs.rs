@@ -1,5 +1,6 @@
 //! The supervisor's own RSS and CPU time, read from `/proc/PID/statm` and
-//! `/proc/PID/stat`.
+//! `/proc/PID/stat`, and a process's parent (to check a worker before
+//! `--kill-every` signals it).
 
 use anyhow::{Context, Result};
 
@@ -36,6 +37,11 @@ impl ProcClock {
     }
 }
 
+/// The parent pid of `pid`, from `/proc/PID/stat`; `None` if it is gone.
+pub(crate) fn parent_pid(pid: u32) -> Option<u32> {
+    parse_stat_ppid(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
 fn sysconf(name: libc::c_int) -> Option<u64> {
     // SAFETY: sysconf has no preconditions; it only reads a system constant.
     let value = unsafe { libc::sysconf(name) };
@@ -45,6 +51,13 @@ fn sysconf(name: libc::c_int) -> Option<u64> {
 /// Resident pages: the second field of `/proc/PID/statm`.
 fn parse_statm_resident(statm: &str) -> Option<u64> {
     statm.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The parent pid: field 4 of `/proc/PID/stat`, counted like the CPU
+/// ticks below.
+fn parse_stat_ppid(stat: &str) -> Option<u32> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// utime + stime (fields 14 and 15) of `/proc/PID/stat`, in clock ticks.
@@ -69,6 +82,8 @@ mod tests {
         let stat = "4242 (inferd (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 150 25 0 0 20 0 3 0 100 1000000 500";
         assert_eq!(parse_stat_cpu_ticks(stat), Some(175));
         assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+        assert_eq!(parse_stat_ppid(stat), Some(1));
+        assert_eq!(parse_stat_ppid("garbage"), None);
     }
 
     #[test]
@@ -77,5 +92,7 @@ mod tests {
         let own = clock.read(std::process::id()).expect("own /proc readable");
         assert!(own.rss_bytes > 1024 * 1024, "{own:?}");
         assert!(own.cpu_s >= 0.0);
+        let parent = std::os::unix::process::parent_id();
+        assert_eq!(parent_pid(std::process::id()), Some(parent));
     }
 }

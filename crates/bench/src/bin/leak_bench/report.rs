@@ -1,17 +1,27 @@
 //! What the run amounts to: `summary.json`, the plot titles, the Markdown
 //! table, and the command line that produced it.
+//!
+//! Counts of the daemon's (recycles, exits, failures) are the change in its
+//! counters over the load, for every kind it knows, zero or not. The limits
+//! are the ones its status reported, whatever the flags asked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use inferd_client::{Counters, ExitKind};
+use inferd_client::{Counters, ErrorKind, ExitKind, RecycleTrigger};
 use serde::Serialize;
 
-use crate::config::Limits;
+use crate::config::Requested;
 use crate::daemon::DaemonExit;
-use crate::scenario::Recorded;
+use crate::kills::{dip_after, time_below, DIP_WINDOW_S};
+use crate::load::{KindLog, RequestKind};
+use crate::scenario::{DaemonSettings, Recorded};
 use crate::{Args, MIB};
+
+/// A sample this much later than `--interval-ms` after the one before
+/// counts as late.
+const LATE_FACTOR: f64 = 1.5;
 
 /// The contents of summary.json.
 #[derive(Debug, Serialize)]
@@ -22,6 +32,8 @@ pub(crate) struct Summary {
     config_toml: String,
     workers: u32,
     clients: usize,
+    /// What the clients sent, in words.
+    traffic: String,
     interval_ms: u64,
     /// Requested load duration, seconds.
     duration_requested_s: u64,
@@ -33,6 +45,8 @@ pub(crate) struct Summary {
     recycles: RecycleSummary,
     memory: MemorySummary,
     pool: PoolSummary,
+    /// Every `--kill-every` kill and the dip in serving workers after it.
+    kills: Vec<KillSummary>,
     supervisor: SupervisorSummary,
     /// How the daemon ended.
     daemon_exit: String,
@@ -46,46 +60,111 @@ pub(crate) struct Summary {
 struct RequestSummary {
     ok: u64,
     failed: u64,
-    /// Failures by kind (daemon error kinds and client-side kinds).
+    /// Failures by kind, as the clients saw them (daemon error kinds and
+    /// client-side kinds).
     failed_by_kind: BTreeMap<String, u64>,
     /// Up to three distinct error texts per kind (all are in failures.csv).
     failure_examples: BTreeMap<String, Vec<String>>,
     ok_per_s: f64,
-    latency_p50_ms: Option<f64>,
-    latency_p99_ms: Option<f64>,
-    latency_max_ms: Option<f64>,
+    /// Latency over every kind of request.
+    latency: Latency,
+    /// Outcomes by request kind (short, long, batch).
+    by_request: BTreeMap<RequestKind, KindSummary>,
+    /// Tokens in the long text by the daemon's tokenizer (mixed traffic).
+    long_text_tokens: Option<usize>,
+    /// Failed requests by kind, from the daemon's counters.
+    daemon_failed_by_kind: BTreeMap<ErrorKind, u64>,
+    /// In-flight requests the daemon re-dispatched after their worker died.
+    daemon_retries: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct KindSummary {
+    ok: u64,
+    failed: u64,
+    latency: Latency,
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    max_ms: Option<f64>,
+}
+
+impl Latency {
+    fn of(mut latencies: Vec<f64>) -> Latency {
+        latencies.sort_by(f64::total_cmp);
+        let rounded = |v: Option<f64>| v.map(|v| round(v, 2));
+        Latency {
+            p50_ms: rounded(percentile(&latencies, 0.5)),
+            p99_ms: rounded(percentile(&latencies, 0.99)),
+            max_ms: rounded(latencies.last().copied()),
+        }
+    }
+
+    /// `p50 X, p99 Y, max Z`.
+    fn describe(&self) -> String {
+        format!(
+            "p50 {}, p99 {}, max {}",
+            opt(self.p50_ms, " ms"),
+            opt(self.p99_ms, " ms"),
+            opt(self.max_ms, " ms")
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]
 struct RecycleSummary {
-    /// Worker exits during the run (each was replaced), from the final counters.
+    /// Worker exits during the run (each was replaced), from the counters.
     worker_exits: u64,
-    /// The same by classified end kind.
+    /// The same by classified end kind, every kind.
     worker_exits_by_kind: BTreeMap<ExitKind, u64>,
+    /// Exits that were OOM kills, certain or likely.
+    oom_kills: u64,
+    /// Exits by the supervisor's SIGKILL (hard limit, timeout, ...).
+    supervisor_kills: u64,
     /// Workers spawned during the run, from the counters.
     workers_spawned: u64,
-    /// Any counter whose name mentions "recycl", as the daemon reports it.
-    recycle_counters: serde_json::Map<String, serde_json::Value>,
+    /// Graceful recycles started, by trigger, every trigger.
+    recycles_by_trigger: BTreeMap<RecycleTrigger, u64>,
+    /// Recycles abandoned (the replacement ended before it was ready).
+    recycles_failed_by_trigger: BTreeMap<RecycleTrigger, u64>,
 }
 
 #[derive(Debug, Serialize)]
 struct MemorySummary {
-    soft_limit: String,
-    soft_limit_mib: f64,
-    soft_limit_configured: bool,
-    hard_limit: String,
-    hard_limit_mib: f64,
-    hard_limit_configured: bool,
+    /// `soft_limit` as the config gave it; `None`: left out, the daemon's
+    /// own default applied.
+    soft_limit_requested: Option<String>,
+    hard_limit_requested: Option<String>,
+    /// The soft limit the daemon applied at the end of the run (its
+    /// status); `None`: none.
+    soft_limit_mib: Option<f64>,
+    hard_limit_mib: Option<f64>,
+    /// How the daemon derived its limits, in its words.
+    limits_origin: String,
+    /// The limits and spare target the daemon reported, first at the start
+    /// of the load and then at each change.
+    daemon_settings: Vec<SettingsAt>,
     leak_bytes_per_request: Option<u64>,
     max_requests: Option<u64>,
     /// Largest worker RSS in any sample.
     max_worker_rss_mib: Option<f64>,
     /// Which worker had it.
     max_worker_rss_worker_id: Option<u64>,
-    /// Whether any sample showed a worker above the hard limit.
+    /// Whether any sample showed a worker above the daemon's hard limit.
     hard_limit_exceeded: bool,
     /// Distinct worker ids seen in the samples.
     worker_ids_seen: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct SettingsAt {
+    /// Seconds since the load started.
+    t_s: f64,
+    #[serde(flatten)]
+    settings: DaemonSettings,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,8 +172,39 @@ struct PoolSummary {
     samples: usize,
     /// Status reads that failed or timed out.
     status_errors: u64,
+    /// Achieved time between samples, median and largest.
+    sample_interval_p50_ms: Option<f64>,
+    sample_interval_max_ms: Option<f64>,
+    /// Samples that came more than 1.5 × `interval_ms` after the previous.
+    late_samples: usize,
+    /// Time one sample's reads took, median and largest.
+    sample_read_p50_ms: Option<f64>,
+    sample_read_max_ms: Option<f64>,
     /// Fewest workers ready or busy in any sample.
     min_serving_workers: Option<usize>,
+    /// Time the serving count spent below `workers`, in all, ms.
+    below_target_ms: f64,
+    /// Spares the daemon aims to hold (its last status).
+    target_spares: Option<u32>,
+    /// Most workers in state spare in any sample.
+    max_spares_seen: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct KillSummary {
+    /// Seconds since the load started.
+    t_s: f64,
+    worker_id: Option<u64>,
+    pid: Option<u32>,
+    /// Why no signal was sent, if none was.
+    skipped: Option<String>,
+    /// Fewest serving workers from the kill until 5 s after it.
+    min_serving_5s: Option<usize>,
+    /// How long the serving count stayed below `workers` after the kill,
+    /// from the first sample that showed it (0: none did).
+    below_target_ms: f64,
+    /// False if it had not recovered by the last sample.
+    recovered: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,61 +228,48 @@ impl Report {
         args: &Args,
         command: &str,
         config_toml: &str,
-        limits: &Limits,
+        requested: &Requested,
         recorded: &Recorded,
         exit: &DaemonExit,
     ) -> Report {
-        let load = &recorded.load;
-        let mut failed_by_kind = BTreeMap::new();
-        let mut failure_examples: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for failure in &load.failures {
-            *failed_by_kind.entry(failure.kind.clone()).or_insert(0) += 1;
-            let examples = failure_examples.entry(failure.kind.clone()).or_default();
-            if examples.len() < 3 && !examples.contains(&failure.error) {
-                examples.push(failure.error.clone());
-            }
-        }
-        let mut latencies = load.latencies_ms.clone();
-        latencies.sort_by(f64::total_cmp);
-        let percentile = |p: f64| {
-            let last = latencies.len().checked_sub(1)?;
-            Some(latencies[((last as f64) * p).round() as usize])
-        };
         let wall = recorded.load_wall.as_secs_f64();
-
-        let counters = recorded.final_counters.as_ref().map(|(c, _)| c.clone());
         let initial = &recorded.initial.counters;
-        let recycles = match &counters {
-            Some(c) => RecycleSummary {
-                worker_exits: c
-                    .worker_exits
-                    .values()
-                    .sum::<u64>()
-                    .saturating_sub(initial.worker_exits.values().sum::<u64>()),
-                worker_exits_by_kind: c
-                    .worker_exits
-                    .iter()
-                    .map(|(kind, n)| {
-                        (
-                            *kind,
-                            n.saturating_sub(initial.worker_exits.get(kind).copied().unwrap_or(0)),
-                        )
-                    })
-                    .filter(|(_, n)| *n > 0)
-                    .collect(),
-                workers_spawned: c.workers_spawned.saturating_sub(initial.workers_spawned),
-                recycle_counters: recycle_counters(c),
-            },
-            None => RecycleSummary {
-                worker_exits: 0,
-                worker_exits_by_kind: BTreeMap::new(),
-                workers_spawned: 0,
-                recycle_counters: serde_json::Map::new(),
-            },
+        // Without final counters, nothing is known to have changed.
+        let counters = recorded.final_counters.as_ref().map(|(c, _)| c.clone());
+        let after = counters.as_ref().unwrap_or(initial);
+        let settings = &recorded
+            .settings
+            .last()
+            .expect("settings hold the initial status")
+            .1;
+
+        let requests = request_summary(recorded, wall, after, initial);
+        let worker_exits_by_kind = delta(ExitKind::ALL, &after.worker_exits, &initial.worker_exits);
+        let exits_where = |pick: fn(ExitKind) -> bool| -> u64 {
+            worker_exits_by_kind
+                .iter()
+                .filter(|(kind, _)| pick(**kind))
+                .map(|(_, n)| n)
+                .sum()
+        };
+        let recycles = RecycleSummary {
+            worker_exits: worker_exits_by_kind.values().sum(),
+            oom_kills: exits_where(ExitKind::is_oom),
+            supervisor_kills: exits_where(|kind| kind == ExitKind::KilledBySupervisor),
+            worker_exits_by_kind,
+            workers_spawned: after
+                .workers_spawned
+                .saturating_sub(initial.workers_spawned),
+            recycles_by_trigger: delta(RecycleTrigger::ALL, &after.recycles, &initial.recycles),
+            recycles_failed_by_trigger: delta(
+                RecycleTrigger::ALL,
+                &after.recycles_failed,
+                &initial.recycles_failed,
+            ),
         };
 
         let mut max_worker: Option<(u64, u64)> = None;
-        let mut ids = std::collections::BTreeSet::new();
+        let mut ids = BTreeSet::new();
         for worker in recorded.samples.iter().flat_map(|s| &s.workers) {
             ids.insert(worker.id);
             if let Some(rss) = worker.rss_bytes {
@@ -181,6 +278,71 @@ impl Report {
                 }
             }
         }
+        let mib = |bytes: u64| round(bytes as f64 / MIB, 2);
+        let memory = MemorySummary {
+            soft_limit_requested: requested.soft_limit.clone(),
+            hard_limit_requested: requested.hard_limit.clone(),
+            soft_limit_mib: settings.soft_limit_bytes.map(mib),
+            hard_limit_mib: settings.hard_limit_bytes.map(mib),
+            limits_origin: settings.limits_origin.clone(),
+            daemon_settings: recorded
+                .settings
+                .iter()
+                .map(|(t_s, settings)| SettingsAt {
+                    t_s: round(*t_s, 3),
+                    settings: settings.clone(),
+                })
+                .collect(),
+            leak_bytes_per_request: requested.leak_bytes,
+            max_requests: requested.max_requests,
+            max_worker_rss_mib: max_worker.map(|(_, rss)| mib(rss)),
+            max_worker_rss_worker_id: max_worker.map(|(id, _)| id),
+            hard_limit_exceeded: max_worker
+                .zip(settings.hard_limit_bytes)
+                .is_some_and(|((_, rss), hard)| rss > hard),
+            worker_ids_seen: ids.len(),
+        };
+
+        let target = args.workers as usize;
+        let points: Vec<(f64, Option<usize>)> = recorded
+            .samples
+            .iter()
+            .map(|s| (s.t_s, s.serving))
+            .collect();
+        let times: Vec<f64> = recorded.samples.iter().map(|s| s.t_s).collect();
+        let sampling = SamplingStats::of(&times, args.interval_ms);
+        let mut reads: Vec<f64> = recorded.samples.iter().map(|s| s.read_ms).collect();
+        reads.sort_by(f64::total_cmp);
+        let pool = PoolSummary {
+            samples: recorded.samples.len(),
+            status_errors: recorded.status_errors,
+            sample_interval_p50_ms: sampling.p50_ms.map(|v| round(v, 2)),
+            sample_interval_max_ms: sampling.max_ms.map(|v| round(v, 2)),
+            late_samples: sampling.late,
+            sample_read_p50_ms: percentile(&reads, 0.5).map(|v| round(v, 2)),
+            sample_read_max_ms: reads.last().map(|v| round(*v, 2)),
+            min_serving_workers: points.iter().filter_map(|(_, n)| *n).min(),
+            below_target_ms: round(time_below(&points, target) * 1e3, 1),
+            target_spares: Some(settings.target_spares),
+            max_spares_seen: recorded.samples.iter().filter_map(|s| s.spares).max(),
+        };
+        let kills = recorded
+            .kills
+            .iter()
+            .map(|kill| {
+                let dip = dip_after(&points, kill.t_s, target);
+                KillSummary {
+                    t_s: round(kill.t_s, 3),
+                    worker_id: kill.worker_id,
+                    pid: kill.pid,
+                    skipped: kill.skipped.clone(),
+                    min_serving_5s: dip.min_serving,
+                    below_target_ms: round(dip.below_target_ms, 1),
+                    recovered: dip.recovered,
+                }
+            })
+            .collect();
+
         let supervisor_rss = recorded.samples.iter().filter_map(|s| s.supervisor_rss);
         let cpu_end = recorded
             .samples
@@ -201,46 +363,19 @@ impl Report {
             config_toml: config_toml.to_owned(),
             workers: args.workers,
             clients: args.clients,
+            traffic: args.traffic.describe(),
             interval_ms: args.interval_ms,
             duration_requested_s: args.duration,
             duration_s: round(wall, 3),
             cut_short: recorded.cut_short.clone(),
-            requests: RequestSummary {
-                ok: load.ok,
-                failed: load.failures.len() as u64,
-                failed_by_kind,
-                failure_examples,
-                ok_per_s: round(load.ok as f64 / wall.max(1e-9), 2),
-                latency_p50_ms: percentile(0.5).map(|v| round(v, 2)),
-                latency_p99_ms: percentile(0.99).map(|v| round(v, 2)),
-                latency_max_ms: latencies.last().map(|v| round(*v, 2)),
-            },
+            requests,
             recycles,
-            memory: MemorySummary {
-                soft_limit: limits.soft.text.clone(),
-                soft_limit_mib: round(limits.soft.mib(), 2),
-                soft_limit_configured: limits.soft_configured,
-                hard_limit: limits.hard.text.clone(),
-                hard_limit_mib: round(limits.hard.mib(), 2),
-                hard_limit_configured: limits.hard_configured,
-                leak_bytes_per_request: limits.leak_bytes,
-                max_requests: limits.max_requests,
-                max_worker_rss_mib: max_worker.map(|(_, rss)| round(rss as f64 / MIB, 2)),
-                max_worker_rss_worker_id: max_worker.map(|(id, _)| id),
-                hard_limit_exceeded: max_worker.is_some_and(|(_, rss)| rss > limits.hard.bytes),
-                worker_ids_seen: ids.len(),
-            },
-            pool: PoolSummary {
-                samples: recorded.samples.len(),
-                status_errors: recorded.status_errors,
-                min_serving_workers: recorded.samples.iter().filter_map(|s| s.serving).min(),
-            },
+            memory,
+            pool,
+            kills,
             supervisor: SupervisorSummary {
-                rss_min_mib: supervisor_rss
-                    .clone()
-                    .min()
-                    .map(|b| round(b as f64 / MIB, 2)),
-                rss_max_mib: supervisor_rss.max().map(|b| round(b as f64 / MIB, 2)),
+                rss_min_mib: supervisor_rss.clone().min().map(mib),
+                rss_max_mib: supervisor_rss.max().map(mib),
                 cpu_s: cpu_s.map(|s| round(s, 3)),
                 cpu_percent_of_one_core: cpu_s.map(|s| round(100.0 * s / wall.max(1e-9), 2)),
             },
@@ -263,7 +398,7 @@ impl Report {
             None => "no leak configured".to_owned(),
         };
         format!(
-            "inferd, {} workers, {leak}: {} ok, {} failed, {} recycles in {:.0} s",
+            "inferd, {} workers, {leak}: {} ok, {} failed, {} worker exits in {:.0} s",
             s.workers, s.requests.ok, s.requests.failed, s.recycles.worker_exits, s.duration_s
         )
     }
@@ -271,28 +406,18 @@ impl Report {
     /// The caption of the supervisor panel.
     pub(crate) fn supervisor_title(&self) -> String {
         let s = &self.summary.supervisor;
-        let mib = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
         format!(
             "supervisor: RSS {} to {} MiB, CPU {} s ({}% of one core)",
-            mib(s.rss_min_mib),
-            mib(s.rss_max_mib),
-            mib(s.cpu_s),
-            mib(s.cpu_percent_of_one_core)
+            opt(s.rss_min_mib, ""),
+            opt(s.rss_max_mib, ""),
+            opt(s.cpu_s, ""),
+            opt(s.cpu_percent_of_one_core, "")
         )
     }
 
     /// A Markdown table for docs/BENCHMARKS.md, with the command line.
     pub(crate) fn markdown(&self, out: &Path) -> String {
         let s = &self.summary;
-        let opt =
-            |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.1}{unit}"));
-        let configured = |yes: bool| if yes { "" } else { " (not configured)" };
-        fn kinds<K: std::fmt::Display>(map: &BTreeMap<K, u64>) -> String {
-            map.iter()
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
         let mut md = String::new();
         let _ = writeln!(md, "\nCommand: `{}`\n", s.command);
         let _ = writeln!(md, "| leak scenario | value |");
@@ -303,10 +428,20 @@ impl Report {
         row(
             "load",
             format!(
-                "{:.1} s, {} clients, {} workers, one short text per request",
-                s.duration_s, s.clients, s.workers
+                "{:.1} s, {} clients, {} workers, {}",
+                s.duration_s, s.clients, s.workers, s.traffic
             ),
         );
+        if s.requests.by_request.contains_key(&RequestKind::Long) {
+            row(
+                "long text",
+                s.requests
+                    .long_text_tokens
+                    .map_or("n/a (the tokenize request failed)".to_owned(), |n| {
+                        format!("{n} tokens by the daemon's tokenizer")
+                    }),
+            );
+        }
         row(
             "leak",
             s.memory
@@ -315,63 +450,92 @@ impl Report {
                     format!("{} per request", human_bytes(b))
                 }),
         );
+        row("limits (daemon)", self.limits());
         row(
-            "limits",
+            "spares",
             format!(
-                "soft {}{}, hard {}{}{}",
-                s.memory.soft_limit,
-                configured(s.memory.soft_limit_configured),
-                s.memory.hard_limit,
-                configured(s.memory.hard_limit_configured),
-                s.memory
-                    .max_requests
-                    .map(|n| format!(", max_requests {n}"))
-                    .unwrap_or_default()
+                "target {}, most seen {}",
+                s.pool
+                    .target_spares
+                    .map_or("n/a".to_owned(), |n| n.to_string()),
+                s.pool
+                    .max_spares_seen
+                    .map_or("n/a".to_owned(), |n| n.to_string())
             ),
         );
         row(
             "requests ok",
             format!(
-                "{} ({:.1}/s; p50 {}, p99 {}, max {})",
+                "{} ({:.1}/s; {})",
                 s.requests.ok,
                 s.requests.ok_per_s,
-                opt(s.requests.latency_p50_ms, " ms"),
-                opt(s.requests.latency_p99_ms, " ms"),
-                opt(s.requests.latency_max_ms, " ms")
+                s.requests.latency.describe()
             ),
         );
+        if s.requests.by_request.len() > 1 {
+            for (kind, k) in &s.requests.by_request {
+                row(
+                    &format!("{kind} requests", kind = kind.as_str()),
+                    format!(
+                        "{} ok, {} failed ({})",
+                        k.ok,
+                        k.failed,
+                        k.latency.describe()
+                    ),
+                );
+            }
+        }
         let failed = if s.requests.failed == 0 {
             "0".to_owned()
         } else {
             format!(
                 "{} ({})",
                 s.requests.failed,
-                kinds(&s.requests.failed_by_kind)
+                kinds(&s.requests.failed_by_kind, false)
             )
         };
         row("requests failed", failed);
-        let exits = if s.recycles.worker_exits == 0 {
-            "0".to_owned()
-        } else {
+        row(
+            "daemon: failed, retried",
             format!(
-                "{} ({})",
+                "failed: {}; re-dispatched after a worker died: {}",
+                kinds(&s.requests.daemon_failed_by_kind, false),
+                s.requests.daemon_retries
+            ),
+        );
+        row(
+            "worker exits",
+            format!(
+                "{} ({}); OOM kills {}, supervisor kills {}",
                 s.recycles.worker_exits,
-                kinds(&s.recycles.worker_exits_by_kind)
-            )
-        };
-        row("worker exits (recycles)", exits);
-        if !s.recycles.recycle_counters.is_empty() {
-            row(
-                "recycle counters",
-                describe_counters(&s.recycles.recycle_counters),
-            );
-        }
+                kinds(&s.recycles.worker_exits_by_kind, false),
+                s.recycles.oom_kills,
+                s.recycles.supervisor_kills
+            ),
+        );
+        let failed_recycles = kinds(&s.recycles.recycles_failed_by_trigger, false);
+        row(
+            "recycles by trigger",
+            format!(
+                "{}{}",
+                kinds(&s.recycles.recycles_by_trigger, true),
+                if failed_recycles == "none" {
+                    String::new()
+                } else {
+                    format!("; failed: {failed_recycles}")
+                }
+            ),
+        );
         row(
             "max worker RSS",
             format!(
-                "{} (hard limit {:.0} MiB{})",
+                "{} ({}{})",
                 opt(s.memory.max_worker_rss_mib, " MiB"),
-                s.memory.hard_limit_mib,
+                s.memory
+                    .hard_limit_mib
+                    .map_or("no hard limit".to_owned(), |v| format!(
+                        "hard limit {v:.0} MiB"
+                    )),
                 if s.memory.hard_limit_exceeded {
                     ", EXCEEDED"
                 } else {
@@ -380,15 +544,42 @@ impl Report {
             ),
         );
         row(
-            "min serving workers",
+            "serving workers",
             format!(
-                "{} of {} ({} samples every {} ms)",
+                "fewest {} of {}; below {} for {:.0} ms in all",
                 s.pool
                     .min_serving_workers
                     .map_or("n/a".to_owned(), |n| n.to_string()),
                 s.workers,
+                s.workers,
+                s.pool.below_target_ms
+            ),
+        );
+        for (i, kill) in s.kills.iter().enumerate() {
+            let what = match (&kill.skipped, kill.worker_id, kill.pid) {
+                (Some(why), _, _) => format!("not sent: {why}"),
+                (None, Some(id), Some(pid)) => format!(
+                    "worker {id} (pid {pid}): fewest serving {} within {DIP_WINDOW_S:.0} s, below {} for {:.0} ms{}",
+                    kill.min_serving_5s.map_or("n/a".to_owned(), |n| n.to_string()),
+                    s.workers,
+                    kill.below_target_ms,
+                    if kill.recovered { "" } else { " (not recovered)" }
+                ),
+                (None, _, _) => "sent".to_owned(),
+            };
+            row(&format!("kill {} at {:.2} s", i + 1, kill.t_s), what);
+        }
+        row(
+            "sampling",
+            format!(
+                "{} samples, every {} ms asked; achieved median {}, max {}; {} late (> {LATE_FACTOR}x); reads p50 {}; {} status errors",
                 s.pool.samples,
-                s.interval_ms
+                s.interval_ms,
+                opt(s.pool.sample_interval_p50_ms, " ms"),
+                opt(s.pool.sample_interval_max_ms, " ms"),
+                s.pool.late_samples,
+                opt(s.pool.sample_read_p50_ms, " ms"),
+                s.pool.status_errors
             ),
         );
         row(
@@ -415,41 +606,156 @@ impl Report {
         );
         md
     }
-}
 
-/// Counters whose name mentions recycling, found by name so that counters
-/// the daemon adds later show up without a change here.
-fn recycle_counters(counters: &Counters) -> serde_json::Map<String, serde_json::Value> {
-    match serde_json::to_value(counters) {
-        Ok(serde_json::Value::Object(map)) => map
-            .into_iter()
-            .filter(|(k, v)| k.contains("recycl") && !is_empty_counter(v))
-            .collect(),
-        _ => serde_json::Map::new(),
+    /// The limits the daemon applied, how it got them, and what was asked.
+    fn limits(&self) -> String {
+        let m = &self.summary.memory;
+        let limit = |mib: Option<f64>| mib.map_or("none".to_owned(), |v| format!("{v:.0} MiB"));
+        let asked = |text: &Option<String>| text.clone().unwrap_or_else(|| "not set".to_owned());
+        let origin = if m.limits_origin.is_empty() {
+            "origin not reported".to_owned()
+        } else {
+            m.limits_origin.clone()
+        };
+        let changes = m.daemon_settings.len() - 1;
+        format!(
+            "soft {}, hard {} ({origin}){}; asked: soft {}, hard {}{}",
+            limit(m.soft_limit_mib),
+            limit(m.hard_limit_mib),
+            if changes > 0 {
+                format!(", changed {changes} time(s) during the run")
+            } else {
+                String::new()
+            },
+            asked(&m.soft_limit_requested),
+            asked(&m.hard_limit_requested),
+            m.max_requests
+                .map(|n| format!(", max_requests {n}"))
+                .unwrap_or_default()
+        )
     }
 }
 
-/// Zero, or a map of nothing but zeros.
-fn is_empty_counter(value: &serde_json::Value) -> bool {
-    match value {
-        serde_json::Value::Number(n) => n.as_u64() == Some(0),
-        serde_json::Value::Object(map) => map.values().all(is_empty_counter),
-        _ => false,
-    }
-}
-
-/// `name n` pairs, one level of nesting flattened (`recycles.soft_limit 3`).
-fn describe_counters(map: &serde_json::Map<String, serde_json::Value>) -> String {
-    let mut parts = Vec::new();
-    for (key, value) in map {
-        match value {
-            serde_json::Value::Object(inner) => {
-                parts.extend(inner.iter().map(|(k, v)| format!("{key}.{k} {v}")))
-            }
-            other => parts.push(format!("{key} {other}")),
+/// The request outcomes, the clients' and the daemon's.
+fn request_summary(
+    recorded: &Recorded,
+    wall: f64,
+    after: &Counters,
+    initial: &Counters,
+) -> RequestSummary {
+    let load = &recorded.load;
+    let mut failed_by_kind = BTreeMap::new();
+    let mut failure_examples: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for failure in &load.failures {
+        *failed_by_kind.entry(failure.kind.clone()).or_insert(0) += 1;
+        let examples = failure_examples.entry(failure.kind.clone()).or_default();
+        if examples.len() < 3 && !examples.contains(&failure.error) {
+            examples.push(failure.error.clone());
         }
     }
-    parts.join(", ")
+    let all_latencies = load
+        .by_kind
+        .values()
+        .flat_map(|k| k.latencies_ms.iter().copied())
+        .collect();
+    let by_request = load
+        .by_kind
+        .iter()
+        .map(
+            |(
+                kind,
+                KindLog {
+                    ok,
+                    failed,
+                    latencies_ms,
+                },
+            )| {
+                let summary = KindSummary {
+                    ok: *ok,
+                    failed: *failed,
+                    latency: Latency::of(latencies_ms.clone()),
+                };
+                (*kind, summary)
+            },
+        )
+        .collect();
+    let ok = load.ok();
+    RequestSummary {
+        ok,
+        failed: load.failures.len() as u64,
+        failed_by_kind,
+        failure_examples,
+        ok_per_s: round(ok as f64 / wall.max(1e-9), 2),
+        latency: Latency::of(all_latencies),
+        by_request,
+        long_text_tokens: recorded.long_text_tokens,
+        daemon_failed_by_kind: delta(
+            ErrorKind::ALL,
+            &after.requests_failed,
+            &initial.requests_failed,
+        ),
+        daemon_retries: after.retries.saturating_sub(initial.retries),
+    }
+}
+
+/// How regularly the samples came.
+#[derive(Debug, PartialEq)]
+struct SamplingStats {
+    /// Median and largest time between consecutive samples.
+    p50_ms: Option<f64>,
+    max_ms: Option<f64>,
+    /// Gaps longer than [`LATE_FACTOR`] × the asked interval.
+    late: usize,
+}
+
+impl SamplingStats {
+    fn of(times_s: &[f64], interval_ms: u64) -> SamplingStats {
+        let mut gaps: Vec<f64> = times_s.windows(2).map(|w| (w[1] - w[0]) * 1e3).collect();
+        gaps.sort_by(f64::total_cmp);
+        let late_after = interval_ms as f64 * LATE_FACTOR;
+        SamplingStats {
+            p50_ms: percentile(&gaps, 0.5),
+            max_ms: gaps.last().copied(),
+            late: gaps.iter().filter(|gap| **gap > late_after).count(),
+        }
+    }
+}
+
+/// The change of a counter map over the run, for every kind in `all`.
+fn delta<K: Ord + Copy>(
+    all: &[K],
+    after: &BTreeMap<K, u64>,
+    before: &BTreeMap<K, u64>,
+) -> BTreeMap<K, u64> {
+    let get = |map: &BTreeMap<K, u64>, kind| map.get(&kind).copied().unwrap_or(0);
+    all.iter()
+        .map(|kind| (*kind, get(after, *kind).saturating_sub(get(before, *kind))))
+        .collect()
+}
+
+/// `kind n` pairs; zeros too if `zeros`, else "none" when all are zero.
+fn kinds<K: std::fmt::Display>(map: &BTreeMap<K, u64>, zeros: bool) -> String {
+    let parts: Vec<String> = map
+        .iter()
+        .filter(|(_, n)| zeros || **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The value at quantile `p` of sorted `values` (nearest rank).
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[((last as f64) * p).round() as usize])
+}
+
+/// A number with one decimal and its unit, or "n/a".
+fn opt(value: Option<f64>, unit: &str) -> String {
+    value.map_or("n/a".to_owned(), |v| format!("{v:.1}{unit}"))
 }
 
 fn round(value: f64, decimals: i32) -> f64 {
@@ -493,17 +799,43 @@ mod tests {
     use crate::csv::csv_field;
 
     #[test]
-    fn recycle_counters_drop_zeros_and_flatten() {
-        let counters = serde_json::json!({"recycles": {"soft_limit": 3, "max_requests": 0}, "recycles_total": 0});
-        assert!(!is_empty_counter(&counters["recycles"]));
-        assert!(is_empty_counter(&counters["recycles_total"]));
-        assert!(is_empty_counter(&serde_json::json!({"a": 0, "b": {}})));
-        let map = counters.as_object().expect("an object").clone();
+    fn counter_deltas_cover_every_kind() {
+        let before = BTreeMap::from([(RecycleTrigger::SoftLimit, 2)]);
+        let after = BTreeMap::from([
+            (RecycleTrigger::SoftLimit, 5),
+            (RecycleTrigger::LeakRate, 1),
+        ]);
+        let d = delta(RecycleTrigger::ALL, &after, &before);
+        assert_eq!(d.len(), RecycleTrigger::ALL.len());
+        assert_eq!(d[&RecycleTrigger::SoftLimit], 3);
+        assert_eq!(d[&RecycleTrigger::LeakRate], 1);
+        assert_eq!(d[&RecycleTrigger::Roll], 0);
+        assert_eq!(kinds(&d, false), "soft_limit 3, leak_rate 1");
         assert_eq!(
-            describe_counters(&map),
-            "recycles.max_requests 0, recycles.soft_limit 3, recycles_total 0"
+            kinds(&d, true),
+            "soft_limit 3, max_requests 0, max_lifetime 0, roll 0, leak_rate 1"
         );
-        assert!(recycle_counters(&Counters::default()).is_empty());
+        assert_eq!(kinds(&BTreeMap::<ExitKind, u64>::new(), false), "none");
+    }
+
+    #[test]
+    fn sampling_counts_late_samples_and_the_median_gap() {
+        let times = [0.0, 0.010, 0.020, 0.050, 0.060, 0.071];
+        let stats = SamplingStats::of(&times, 10);
+        assert_eq!(stats.late, 1);
+        assert!(
+            (stats.p50_ms.expect("gaps") - 10.0).abs() < 1e-6,
+            "{stats:?}"
+        );
+        assert!((stats.max_ms.expect("gaps") - 30.0).abs() < 1e-6);
+        assert_eq!(
+            SamplingStats::of(&[1.0], 10),
+            SamplingStats {
+                p50_ms: None,
+                max_ms: None,
+                late: 0
+            }
+        );
     }
 
     #[test]
