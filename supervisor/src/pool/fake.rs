@@ -62,6 +62,8 @@ struct Shared {
     script: Script,
     /// [`CRASH_ONCE`] crashed a fake already.
     crashed_once: bool,
+    /// SIGKILLs the pool sent.
+    kills: usize,
     processes: HashMap<i32, FakeProcess>,
 }
 
@@ -89,6 +91,11 @@ impl FakeWorkers {
     pub(super) fn spawned(&self) -> usize {
         let shared = self.lock();
         usize::try_from(shared.next_pid).unwrap_or(0)
+    }
+
+    /// SIGKILLs the pool sent so far.
+    pub(super) fn kills(&self) -> usize {
+        self.lock().kills
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -127,7 +134,9 @@ impl Processes for FakeWorkers {
     }
 
     fn kill(&mut self, pid: Pid) -> Result<(), Errno> {
-        if let Some(process) = self.lock().processes.get_mut(&pid.as_raw()) {
+        let mut shared = self.lock();
+        shared.kills += 1;
+        if let Some(process) = shared.processes.get_mut(&pid.as_raw()) {
             process.task.abort();
             process
                 .exit

@@ -400,6 +400,11 @@ impl Pool {
                         // this is the moment the daemon can serve.
                         self.announce_ready();
                     }
+                } else if let WorkerState::Stopping { .. } = worker.state() {
+                    // Asked to exit while it loaded (a drain, a surplus
+                    // spare): its Ready crossed our Shutdown, which it
+                    // reads next.
+                    debug!(worker_id, pid, "Ready from a worker already asked to exit");
                 } else {
                     warn!(
                         worker_id,

@@ -674,3 +674,29 @@ async fn a_roll_replaces_the_spare_too() {
         "every worker, the spare included, is new: {before:?} -> {after:?}"
     );
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_worker_asked_to_exit_while_loading_is_not_killed_for_its_ready() {
+    let pool = Harness::start(with_a_spare(1), Script::default()).await;
+    pool.wait_for("the spare is loaded", |s| spares(s) == 1)
+        .await;
+    // The next spare loads for 5 s; the drain asks it to exit meanwhile.
+    pool.fakes.set_script(Script {
+        load: Duration::from_secs(5),
+        ..Script::default()
+    });
+    assert!(pool.embed(&[CRASH_ONCE], None).await.unwrap().is_ok());
+    pool.wait_for("a new spare is loading", |s| {
+        s.workers
+            .iter()
+            .any(|w| w.spare && w.state == WorkerStateKind::Starting)
+    })
+    .await;
+    pool.shutdown.cancel();
+    pool.run.await.unwrap().unwrap();
+    assert_eq!(
+        pool.fakes.kills(),
+        0,
+        "its Ready crossed our Shutdown: it exits as asked, unkilled"
+    );
+}
