@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use inferd_client::{format_status, wait_ready, Client, ClientError};
-use inferd_proto::{PoolStatus, WorkerStateKind};
+use inferd_proto::{ExitKind, PoolStatus, WorkerStateKind};
 use inferd_supervisor::Config;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -244,6 +244,16 @@ pub fn serving_count(status: &PoolStatus) -> usize {
         .iter()
         .filter(|w| w.state.is_serving())
         .count()
+}
+
+/// Worker exits of `kind` counted in `status`.
+pub fn exit_count(status: &PoolStatus, kind: ExitKind) -> u64 {
+    status
+        .counters
+        .worker_exits
+        .get(&kind)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Pids of all workers in `status`.

@@ -19,7 +19,8 @@ mod process;
 mod raw;
 
 pub use daemon::{
-    ready_count, serving_count, worker_pids, Daemon, DaemonConfig, POLL_INTERVAL, READY_TIMEOUT,
+    exit_count, ready_count, serving_count, worker_pids, Daemon, DaemonConfig, POLL_INTERVAL,
+    READY_TIMEOUT,
 };
 pub use fixtures::{
     bin_dir, binary, default_model, max_abs_diff, model_dir, model_files, reference, sample_texts,

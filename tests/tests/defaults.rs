@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use inferd_supervisor::config::SpareSetting;
 use inferd_tests::{
-    sample_texts, serving_count, BackgroundLoad, Client, Daemon, DaemonConfig, ExitKind, Expected,
-    PoolStatus, RecycleTrigger, Signal, WorkerStateKind,
+    exit_count, sample_texts, serving_count, BackgroundLoad, Client, Daemon, DaemonConfig,
+    ExitKind, Expected, PoolStatus, RecycleTrigger, Signal, WorkerStateKind,
 };
 
 const MIB: u64 = 1 << 20;
@@ -28,15 +28,6 @@ fn leaf_limit(dir: &str) -> Option<u64> {
         .iter()
         .find_map(|file| std::fs::read_to_string(format!("{dir}/{file}")).ok())
         .and_then(|text| text.trim().parse().ok())
-}
-
-fn exits(status: &PoolStatus, kind: ExitKind) -> u64 {
-    status
-        .counters
-        .worker_exits
-        .get(&kind)
-        .copied()
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -109,9 +100,9 @@ async fn defaults_derive_limits_and_recycle_a_leaking_worker_without_a_failed_re
         report.errors
     );
     assert_eq!(
-        exits(&status, ExitKind::OomKilled)
-            + exits(&status, ExitKind::LikelyOomKilled)
-            + exits(&status, ExitKind::KilledBySupervisor),
+        exit_count(&status, ExitKind::OomKilled)
+            + exit_count(&status, ExitKind::LikelyOomKilled)
+            + exit_count(&status, ExitKind::KilledBySupervisor),
         0,
         "recycled, never killed: {status:?}"
     );

@@ -11,23 +11,14 @@ use std::time::{Duration, Instant};
 
 use inferd_supervisor::config::LimitSetting;
 use inferd_tests::{
-    ready_count, sample_texts, serving_count, BackgroundLoad, Client, ClientError, Daemon,
-    DaemonConfig, Expected, PoolStatus, RequestError, POLL_INTERVAL,
+    exit_count, ready_count, sample_texts, serving_count, BackgroundLoad, Client, ClientError,
+    Daemon, DaemonConfig, Expected, PoolStatus, RequestError, POLL_INTERVAL,
 };
 use inferd_tests::{ByteSize, CgroupMode};
 use inferd_tests::{ErrorKind, ExitKind, RecycleTrigger, WorkerStateKind};
 
 const MIB: u64 = 1 << 20;
 const RECOVERY: Duration = Duration::from_secs(60);
-
-fn exits(status: &PoolStatus, kind: ExitKind) -> u64 {
-    status
-        .counters
-        .worker_exits
-        .get(&kind)
-        .copied()
-        .unwrap_or(0)
-}
 
 fn recycles(status: &PoolStatus, trigger: RecycleTrigger) -> u64 {
     status.counters.recycles.get(&trigger).copied().unwrap_or(0)
@@ -147,7 +138,7 @@ async fn request_until_exit(daemon: &Daemon, kind: ExitKind) -> (usize, PoolStat
         assert!(result.is_ok(), "request {answered} failed: {result:?}");
         answered += 1;
         let status = daemon.status().await;
-        if exits(&status, kind) >= 1 {
+        if exit_count(&status, kind) >= 1 {
             return (answered, status);
         }
         assert!(
@@ -194,12 +185,12 @@ async fn leaking_workers_are_recycled_without_a_failed_request() {
         "several soft-limit recycles: {status:?}"
     );
     assert_eq!(
-        exits(&status, ExitKind::KilledBySupervisor),
+        exit_count(&status, ExitKind::KilledBySupervisor),
         0,
         "no hard kills: {status:?}"
     );
     assert_eq!(
-        exits(&status, ExitKind::OomKilled) + exits(&status, ExitKind::LikelyOomKilled),
+        exit_count(&status, ExitKind::OomKilled) + exit_count(&status, ExitKind::LikelyOomKilled),
         0
     );
     assert!(
@@ -259,7 +250,7 @@ async fn kernel_oom_kill_in_a_worker_cgroup_is_attributed_and_retried() {
         )
         .await;
     assert_eq!(
-        exits(&status, ExitKind::KilledBySupervisor),
+        exit_count(&status, ExitKind::KilledBySupervisor),
         0,
         "{status:?}"
     );
@@ -296,7 +287,7 @@ async fn supervisor_hard_limit_kill_is_never_called_oom() {
     let (_, status) = request_until_exit(&daemon, ExitKind::KilledBySupervisor).await;
     assert_eq!(status.cgroups, "off (configured)");
     assert_eq!(
-        exits(&status, ExitKind::OomKilled) + exits(&status, ExitKind::LikelyOomKilled),
+        exit_count(&status, ExitKind::OomKilled) + exit_count(&status, ExitKind::LikelyOomKilled),
         0
     );
     let exit = status.recent_exits.last().expect("exit recorded");
@@ -340,7 +331,7 @@ async fn hung_worker_is_killed_at_request_timeout() {
     );
     let status = daemon
         .wait_for(
-            |s| ready_count(s) == 2 && exits(s, ExitKind::KilledBySupervisor) == 1,
+            |s| ready_count(s) == 2 && exit_count(s, ExitKind::KilledBySupervisor) == 1,
             RECOVERY,
         )
         .await;
@@ -388,8 +379,8 @@ async fn max_requests_recycles_one_worker_at_a_time() {
         .await;
     let samples = monitor.stop().await;
     assert_eq!(
-        exits(&status, ExitKind::Retired),
-        recycles(&status, RecycleTrigger::MaxRequests).min(exits(&status, ExitKind::Retired))
+        exit_count(&status, ExitKind::Retired),
+        recycles(&status, RecycleTrigger::MaxRequests).min(exit_count(&status, ExitKind::Retired))
     );
     for sample in &samples {
         let recycling = sample
@@ -530,7 +521,7 @@ async fn client_deadlines_hold_for_running_and_queued_requests() {
         "{status:?}"
     );
     assert_eq!(
-        exits(&status, ExitKind::KilledBySupervisor),
+        exit_count(&status, ExitKind::KilledBySupervisor),
         0,
         "the worker is not killed for a client deadline"
     );

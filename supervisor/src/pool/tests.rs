@@ -263,6 +263,20 @@ impl Harness {
         })
     }
 
+    /// Asks for a roll with the running configuration; resolves to its
+    /// answer (once the roll is over).
+    async fn roll(&self) -> Option<ServerMessage> {
+        let (tx, mut answers) = mpsc::unbounded_channel();
+        self.pool
+            .send(PoolMsg::Roll {
+                config: None,
+                responder: Some(Responder::new(7, tx)),
+            })
+            .await
+            .expect("the pool takes requests");
+        answers.recv().await
+    }
+
     async fn status(&self) -> PoolStatus {
         let (tx, mut answers) = mpsc::unbounded_channel();
         let responder = Responder::new(0, tx);
@@ -457,15 +471,7 @@ async fn a_roll_whose_workers_cannot_start_fails_and_the_old_ones_serve_on() {
         fail_load: true,
         ..Script::default()
     });
-    let (tx, mut answers) = mpsc::unbounded_channel();
-    pool.pool
-        .send(PoolMsg::Roll {
-            config: None,
-            responder: Some(Responder::new(7, tx)),
-        })
-        .await
-        .unwrap();
-    match answers.recv().await {
+    match pool.roll().await {
         Some(ServerMessage::Error {
             error: RequestError::RollFailed { reason },
             ..
@@ -651,15 +657,7 @@ async fn a_roll_replaces_the_spare_too() {
     let before = pool
         .wait_for("the spare is loaded", |s| spares(s) == 1)
         .await;
-    let (tx, mut answers) = mpsc::unbounded_channel();
-    pool.pool
-        .send(PoolMsg::Roll {
-            config: None,
-            responder: Some(Responder::new(7, tx)),
-        })
-        .await
-        .unwrap();
-    match answers.recv().await {
+    match pool.roll().await {
         Some(ServerMessage::Rolled { replaced, .. }) => assert_eq!(replaced, 2),
         other => panic!("the roll's answer: {other:?}"),
     }
