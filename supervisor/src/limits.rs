@@ -20,6 +20,8 @@
 //!   between `workers` + spares + `max_concurrent_recycles` (a recycle's
 //!   replacement loads next to the worker it replaces). When the cap bites,
 //!   the soft limit stays halfway between the baseline and the hard limit;
+//!   the hard limit never goes below `b + 64 MiB` (a warning then says
+//!   there are too many workers for the memory);
 //! * one spare (`"auto"`) when that share, with the spare counted, still
 //!   holds the uncapped hard limit; none otherwise.
 //!
@@ -37,6 +39,10 @@ use crate::config::{Config, LimitSetting, SpareSetting};
 const MIN_ROOM: u64 = 256 << 20;
 /// Kept out of the memory available for the supervisor itself.
 const SUPERVISOR_RESERVE: u64 = 64 << 20;
+/// An automatic hard limit is never below the baseline plus this: less
+/// would fail every start (too many workers for the memory there is; the
+/// derivation warns instead, see [`Derived::tight`]).
+const MIN_HEADROOM: u64 = 64 << 20;
 
 /// The memory the service may use, and where that figure comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +84,9 @@ pub struct Derived {
     pub spares: u32,
     /// Something "auto" is still waiting for a baseline.
     pub pending: bool,
+    /// The memory available leaves a worker less than its baseline plus
+    /// 64 MiB: too many workers for this machine or cgroup.
+    pub tight: bool,
     /// How the values came about, in one line (logged, shown in status).
     pub origin: String,
 }
@@ -100,6 +109,7 @@ pub fn derive(config: &Config, baseline: Option<u64>, budget: Option<&MemoryBudg
             hard: configured(config.hard_limit),
             spares: fixed_spares.unwrap_or(0),
             pending: false,
+            tight: false,
             origin: "set in the configuration".into(),
         };
     }
@@ -109,6 +119,7 @@ pub fn derive(config: &Config, baseline: Option<u64>, budget: Option<&MemoryBudg
             hard: configured(config.hard_limit),
             spares: fixed_spares.unwrap_or(0),
             pending: true,
+            tight: false,
             origin: "auto: waiting for the first worker to be Ready to measure its baseline".into(),
         };
     };
@@ -121,12 +132,14 @@ pub fn derive(config: &Config, baseline: Option<u64>, budget: Option<&MemoryBudg
     let spares = fixed_spares
         .unwrap_or_else(|| u32::from(share(1).is_none_or(|share| share >= wanted_hard)));
     let cap = share(spares);
+    let tight = cap.is_some_and(|cap| cap < baseline + MIN_HEADROOM);
     let soft_fixed = configured(config.soft_limit);
     let hard = match config.hard_limit {
         LimitSetting::Fixed(bytes) => Some(bytes.as_u64()),
         LimitSetting::Off => None,
         LimitSetting::Auto => {
             let capped = cap.map_or(wanted_hard, |cap| wanted_hard.min(cap));
+            let capped = capped.max(baseline + MIN_HEADROOM);
             // Above a fixed soft limit, or the soft limit could never act.
             Some(soft_fixed.map_or(capped, |soft| capped.max(soft + soft / 4)))
         }
@@ -160,6 +173,9 @@ pub fn derive(config: &Config, baseline: Option<u64>, budget: Option<&MemoryBudg
     if cap.is_some_and(|cap| cap < wanted_hard) {
         origin.push_str(&format!("; hard limit capped below {}", mib(wanted_hard)));
     }
+    if tight {
+        origin.push_str("; TOO TIGHT: less than the baseline + 64 MiB per worker");
+    }
     let fixed: Vec<&str> = [
         ("soft_limit", &config.soft_limit),
         ("hard_limit", &config.hard_limit),
@@ -176,16 +192,9 @@ pub fn derive(config: &Config, baseline: Option<u64>, budget: Option<&MemoryBudg
         hard,
         spares,
         pending: false,
+        tight,
         origin,
     }
-}
-
-/// Whether the memory available leaves a worker less than its baseline
-/// plus 64 MiB: too many workers for this machine or cgroup.
-pub fn too_tight(derived: &Derived, baseline: u64) -> bool {
-    derived
-        .hard
-        .is_some_and(|hard| hard < baseline + (64 << 20))
 }
 
 #[cfg(test)]
@@ -245,7 +254,7 @@ mod tests {
         assert_eq!(derived.hard, Some(share));
         assert_eq!(derived.soft, Some(100 * MIB + (share - 100 * MIB) / 2));
         assert!(derived.origin.contains("capped"), "{}", derived.origin);
-        assert!(!too_tight(&derived, 100 * MIB));
+        assert!(!derived.tight);
         let tight = derive(
             &Config {
                 workers: 16,
@@ -254,7 +263,14 @@ mod tests {
             Some(100 * MIB),
             Some(&budget(2 * GIB)),
         );
-        assert!(too_tight(&tight, 100 * MIB), "{tight:?}");
+        assert!(tight.tight, "{tight:?}");
+        assert_eq!(
+            tight.hard,
+            Some(164 * MIB),
+            "never below the baseline + 64 MiB"
+        );
+        assert!(tight.soft.unwrap() < 164 * MIB, "{tight:?}");
+        assert!(tight.origin.contains("TOO TIGHT"), "{}", tight.origin);
     }
 
     #[test]

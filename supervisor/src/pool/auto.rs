@@ -66,9 +66,9 @@ impl Pool {
                 "memory limits"
             );
         }
-        if let Some(baseline) = baseline.filter(|&b| limits::too_tight(&derived, b)) {
+        if derived.tight {
             warn!(
-                baseline_mib = baseline >> 20,
+                baseline_mib = ?baseline.map(|b| b >> 20),
                 hard_limit_mib = ?mib(derived.hard),
                 workers = self.config.workers,
                 "the memory available leaves each worker little room above its baseline: \
