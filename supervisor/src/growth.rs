@@ -10,7 +10,10 @@
 //! the first, over the time between them. A leak raises every reading, so
 //! its rate comes out whole; a peak in the first third raises the bar the
 //! last third must clear, and a peak in the last third does not lower its
-//! minimum. Until the readings span [`MIN_SPAN`] there is no rate.
+//! minimum. Until the readings span [`MIN_SPAN`] there is no rate; a worker
+//! already above its soft limit is judged on [`SHORT_SPAN`], so a leak fast
+//! enough to cross the hard limit within a few seconds is still caught (the
+//! peak of a large request stays far below the soft limit).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -22,7 +25,9 @@ const BUCKET: Duration = Duration::from_millis(250);
 /// How far back the rate looks.
 const WINDOW: Duration = Duration::from_secs(12);
 /// No rate before the readings span this long.
-const MIN_SPAN: Duration = Duration::from_secs(3);
+pub const MIN_SPAN: Duration = Duration::from_secs(3);
+/// The span a worker above its soft limit is judged on.
+pub const SHORT_SPAN: Duration = Duration::from_secs(1);
 
 /// The lowest and highest reading within one bucket.
 #[derive(Debug, Clone, Copy)]
@@ -65,10 +70,15 @@ impl MemoryHistory {
     /// Sustained growth in bytes per second (0 when the readings do not
     /// rise as a whole); `None` until they span [`MIN_SPAN`].
     pub fn growth_per_sec(&self) -> Option<f64> {
+        self.growth_over(MIN_SPAN)
+    }
+
+    /// [`MemoryHistory::growth_per_sec`], once the readings span `min_span`.
+    pub fn growth_over(&self, min_span: Duration) -> Option<f64> {
         let first = self.buckets.front()?.start;
         let last = self.buckets.back()?.start;
         let span = last.duration_since(first);
-        if span < MIN_SPAN {
+        if span < min_span {
             return None;
         }
         let early_end = first + span / 3;
@@ -131,13 +141,19 @@ mod tests {
     }
 
     #[test]
-    fn no_rate_before_three_seconds() {
-        let rate = rate_of(
-            Duration::from_millis(10),
-            Duration::from_millis(2900),
-            |t| 100 * MIB + t.as_millis() as u64 * MIB,
-        );
-        assert_eq!(rate, None);
+    fn no_rate_before_three_seconds_unless_asked_for_a_short_span() {
+        let start = Instant::now();
+        let mut history = MemoryHistory::default();
+        // 300 MiB/s for 1.2 s.
+        for ms in (0..=1200u64).step_by(10) {
+            history.record(
+                start + Duration::from_millis(ms),
+                100 * MIB + ms * 300 * MIB / 1000,
+            );
+        }
+        assert_eq!(history.growth_per_sec(), None);
+        let rate = history.growth_over(SHORT_SPAN).expect("1.2 s of readings") / MIB as f64;
+        assert!((200.0..=330.0).contains(&rate), "{rate} MiB/s");
     }
 
     #[test]

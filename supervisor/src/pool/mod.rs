@@ -48,6 +48,7 @@ use tracing::{debug, error, info, warn};
 use crate::cgroup::{self, Cgroups, Leaf};
 use crate::config::{Config, LimitSetting};
 use crate::connections::ConnectionLimits;
+use crate::growth;
 use crate::limits::{self, Derived, MemoryBudget};
 use crate::memory::{MemorySource, MemoryUsage};
 use crate::notify::Notifier;

@@ -231,12 +231,25 @@ impl Pool {
         if let Some(bytes) = memory_bytes {
             worker.history.record(now, bytes);
         }
+        // Above the soft limit a large request's peak is no excuse: judge
+        // growth on a short span there, to catch leaks that would reach the
+        // hard limit before the usual span is complete.
+        let above_soft = self
+            .policy
+            .soft_limit
+            .zip(memory_bytes)
+            .is_some_and(|(soft, bytes)| bytes > soft);
+        let span = if above_soft {
+            growth::SHORT_SPAN
+        } else {
+            growth::MIN_SPAN
+        };
         let facts = WorkerFacts {
             id: worker.id,
             age: now.duration_since(worker.spawned),
             requests_served: worker.requests_served,
             memory_bytes,
-            growth_per_sec: worker.history.growth_per_sec(),
+            growth_per_sec: worker.history.growth_over(span),
             stale: self
                 .roll
                 .as_ref()
