@@ -135,6 +135,12 @@ impl Pool {
             .max_by_key(|w| (w.is_ready_spare(), std::cmp::Reverse(w.spawned)))
             .map(|w| w.id);
         let Some(spare_id) = pick else { return false };
+        self.promote(spare_id, now);
+        true
+    }
+
+    /// Spare `spare_id` takes requests from now on (once loaded).
+    pub(super) fn promote(&mut self, spare_id: u64, now: Instant) {
         if let Some(spare) = self.workers.get_mut(&spare_id) {
             info!(
                 worker_id = spare_id,
@@ -145,7 +151,6 @@ impl Pool {
             spare.promote(now);
             self.counters.spares_promoted += 1;
         }
-        true
     }
 
     /// A loaded spare of the configuration in force (not one a roll is

@@ -337,10 +337,7 @@ impl Pool {
                 "recycling worker"
             );
             if promoted.is_some() {
-                if let Some(spare) = self.workers.get_mut(&new_id) {
-                    spare.promote(now);
-                    self.counters.spares_promoted += 1;
-                }
+                self.promote(new_id, now);
                 self.hand_over(new_id, now);
                 self.ensure_workers(now);
             }
