@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use inferd_supervisor::config::SpareSetting;
+use inferd_proto::RollState;
+use inferd_supervisor::config::{LimitSetting, SpareSetting};
 use inferd_tests::{
     exit_count, sample_texts, serving_count, BackgroundLoad, Client, Daemon, DaemonConfig,
     ExitKind, Expected, PoolStatus, RecycleTrigger, Signal, WorkerStateKind,
@@ -181,4 +182,60 @@ async fn with_the_default_spare_a_killed_worker_leaves_no_gap() {
         "failed requests: {:?}",
         report.errors
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_derives_the_limits_again_and_a_fixed_value_wins() {
+    let daemon = Daemon::start(defaults()).await;
+    let first = daemon
+        .wait_for(|s| s.hard_limit_bytes.is_some(), Duration::from_secs(30))
+        .await;
+    assert!(
+        first.limits_origin.contains("for 2 workers"),
+        "{}",
+        first.limits_origin
+    );
+    // Three workers, and a fixed hard limit: the soft limit and the spare
+    // stay automatic around it.
+    let fixed = 900 * MIB;
+    let reloaded = defaults().workers(3).with(|c| {
+        c.hard_limit = LimitSetting::Fixed(inferd_tests::ByteSize::b(fixed));
+    });
+    std::fs::write(daemon.config_path(), reloaded.to_toml(daemon.socket_path()))
+        .expect("write the new config");
+    daemon.signal(Signal::SIGHUP);
+    let status = daemon
+        .wait_for(
+            |s| {
+                s.limits_origin.contains("for 3 workers")
+                    && s.roll.as_ref().is_some_and(|r| r.state == RollState::Done)
+                    && s.workers.len() as u32 == 3 + s.target_spares
+            },
+            Duration::from_secs(120),
+        )
+        .await;
+    println!("after the reload: {}", status.limits_origin);
+    assert_eq!(status.hard_limit_bytes, Some(fixed));
+    assert!(
+        status
+            .limits_origin
+            .contains("hard_limit from the configuration"),
+        "{}",
+        status.limits_origin
+    );
+    let baseline = status
+        .workers
+        .iter()
+        .filter_map(|w| w.rss_bytes)
+        .min()
+        .unwrap();
+    let soft = status.soft_limit_bytes.unwrap();
+    assert!(
+        soft > baseline && soft < fixed,
+        "the automatic soft limit sits between the baseline {baseline} and {fixed}: {soft}"
+    );
+    for dir in status.workers.iter().filter_map(|w| w.cgroup.as_deref()) {
+        let limit = leaf_limit(dir).expect("the leaf's limit is readable");
+        assert!(limit <= fixed && fixed - limit < 4096, "{dir}: {limit}");
+    }
 }
