@@ -1,8 +1,9 @@
 //! The daemon as `make run` starts it, with no memory setting written:
 //! automatic limits are derived from the first worker and applied to its
-//! cgroup, a leaking worker is recycled with no failed request, and with the
+//! cgroup, a leaking worker is recycled with no failed request, with the
 //! default spare a worker killed under load never leaves fewer than
-//! `workers` serving.
+//! `workers` serving, and SIGHUP derives the limits again (a fixed value
+//! winning).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
