@@ -24,6 +24,16 @@ fn defaults() -> DaemonConfig {
     DaemonConfig::new().with(|c| c.spare_workers = SpareSetting::Auto)
 }
 
+/// The smallest worker RSS in `status`: a fresh worker's baseline.
+fn lowest_rss(status: &PoolStatus) -> u64 {
+    status
+        .workers
+        .iter()
+        .filter_map(|w| w.rss_bytes)
+        .min()
+        .expect("a worker's memory was read")
+}
+
 /// The kernel's limit on a worker's cgroup leaf.
 fn leaf_limit(dir: &str) -> Option<u64> {
     ["memory.max", "memory.limit_in_bytes"]
@@ -48,12 +58,7 @@ async fn defaults_derive_limits_and_recycle_a_leaking_worker_without_a_failed_re
         status.soft_limit_bytes.unwrap(),
         status.hard_limit_bytes.unwrap(),
     );
-    let baseline = status
-        .workers
-        .iter()
-        .filter_map(|w| w.rss_bytes)
-        .min()
-        .unwrap();
+    let baseline = lowest_rss(&status);
     assert!(
         baseline < soft && soft < hard,
         "{baseline} < {soft} < {hard}"
@@ -224,12 +229,7 @@ async fn sighup_derives_the_limits_again_and_a_fixed_value_wins() {
         "{}",
         status.limits_origin
     );
-    let baseline = status
-        .workers
-        .iter()
-        .filter_map(|w| w.rss_bytes)
-        .min()
-        .unwrap();
+    let baseline = lowest_rss(&status);
     let soft = status.soft_limit_bytes.unwrap();
     assert!(
         soft > baseline && soft < fixed,
