@@ -121,8 +121,17 @@ pub(super) fn cgroup_dir<'a>(
     })
 }
 
-/// Detection for the supervisor's own cgroup.
-pub(super) fn detect_own() -> Result<CgroupSupport, String> {
+/// The supervisor's own memory cgroup: which hierarchy, its directory and
+/// the mount point that holds it. The v1 `memory` hierarchy wins where both
+/// are mounted (hybrid systems).
+struct OwnCgroup {
+    version: CgroupVersion,
+    dir: PathBuf,
+    mount_point: PathBuf,
+}
+
+/// Finds [`OwnCgroup`] from `/proc/self/cgroup` and `/proc/self/mountinfo`.
+fn locate_own() -> Result<OwnCgroup, String> {
     let own = fs::read_to_string("/proc/self/cgroup")
         .map_err(|err| format!("cannot read /proc/self/cgroup: {err}"))?;
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")
@@ -137,13 +146,17 @@ pub(super) fn detect_own() -> Result<CgroupSupport, String> {
         let v1_memory = mounts
             .iter()
             .filter(|m| m.fs_type == "cgroup" && m.super_options.iter().any(|o| o == "memory"));
-        let (dir, _) = cgroup_dir(v1_memory, &line.path).ok_or_else(|| {
+        let (dir, mount_point) = cgroup_dir(v1_memory, &line.path).ok_or_else(|| {
             format!(
                 "the cgroup v1 memory hierarchy (cgroup {}) is not mounted here",
                 line.path
             )
         })?;
-        return check_v1(&dir);
+        return Ok(OwnCgroup {
+            version: CgroupVersion::V1,
+            dir,
+            mount_point,
+        });
     }
 
     let line = lines
@@ -153,8 +166,25 @@ pub(super) fn detect_own() -> Result<CgroupSupport, String> {
             "no memory cgroup: /proc/self/cgroup lists neither a v1 memory hierarchy nor cgroup v2",
         )?;
     let v2_mounts = mounts.iter().filter(|m| m.fs_type == "cgroup2");
-    let (mut dir, mount_point) = cgroup_dir(v2_mounts, &line.path)
+    let (dir, mount_point) = cgroup_dir(v2_mounts, &line.path)
         .ok_or_else(|| format!("cgroup v2 (cgroup {}) is not mounted here", line.path))?;
+    Ok(OwnCgroup {
+        version: CgroupVersion::V2,
+        dir,
+        mount_point,
+    })
+}
+
+/// Detection for the supervisor's own cgroup.
+pub(super) fn detect_own() -> Result<CgroupSupport, String> {
+    let OwnCgroup {
+        version,
+        mut dir,
+        mount_point,
+    } = locate_own()?;
+    if version == CgroupVersion::V1 {
+        return check_v1(&dir);
+    }
     if dir.file_name().is_some_and(|name| name == SUPERVISOR_LEAF) {
         // Already moved by an earlier `prepare`, or started there by
         // systemd's DelegateSubgroup=.
@@ -308,31 +338,12 @@ fn has_delegate_xattr(dir: &Path) -> bool {
 /// hierarchy cannot be read. A parent's limit binds its children too, so
 /// every level up to the mount point counts.
 pub fn own_memory_limit() -> Option<(u64, PathBuf)> {
-    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let lines = parse_proc_cgroup(&own);
-    let mounts = parse_mountinfo(&mountinfo);
-    let (dir, mount_point, file) = match lines
-        .iter()
-        .find(|line| line.controllers.iter().any(|c| c == "memory"))
-    {
-        Some(line) => {
-            let v1_memory = mounts
-                .iter()
-                .filter(|m| m.fs_type == "cgroup" && m.super_options.iter().any(|o| o == "memory"));
-            let (dir, mount_point) = cgroup_dir(v1_memory, &line.path)?;
-            (dir, mount_point, "memory.limit_in_bytes")
-        }
-        None => {
-            let line = lines
-                .iter()
-                .find(|line| line.hierarchy == "0" && line.controllers.is_empty())?;
-            let v2_mounts = mounts.iter().filter(|m| m.fs_type == "cgroup2");
-            let (dir, mount_point) = cgroup_dir(v2_mounts, &line.path)?;
-            (dir, mount_point, "memory.max")
-        }
+    let own = locate_own().ok()?;
+    let file = match own.version {
+        CgroupVersion::V1 => "memory.limit_in_bytes",
+        CgroupVersion::V2 => "memory.max",
     };
-    tightest_limit(&dir, &mount_point, file)
+    tightest_limit(&own.dir, &own.mount_point, file)
 }
 
 /// The smallest limit in `file` from `dir` up to `mount_point` (v1's
