@@ -42,6 +42,8 @@ pub struct WorkerFacts {
     pub stale: bool,
     /// Sustained memory growth, bytes per second (see [`crate::growth`]).
     pub growth_per_sec: Option<f64>,
+    /// In a cgroup leaf of its own, whose kernel limit is the hard limit.
+    pub in_own_cgroup: bool,
 }
 
 /// What to do with a worker.
@@ -126,12 +128,22 @@ impl RecyclePolicy {
     /// that starts above the soft limit is not replaced in a loop.
     pub fn judge(&self, facts: &WorkerFacts) -> Verdict {
         let memory = facts.memory_bytes.unwrap_or(0);
-        if self.hard_limit.is_some_and(|hard| memory > hard) {
+        let over_hard = self.hard_limit.is_some_and(|hard| memory > hard);
+        if over_hard && !facts.in_own_cgroup {
             return Verdict::Kill(KillReason::HardLimit);
         }
         // A roll replaces every worker, young ones included.
         if facts.stale {
             return Verdict::Recycle(RetireReason::Roll);
+        }
+        // In its own cgroup the kernel enforces the hard limit with exact
+        // accounting (RSS also counts shared file pages charged elsewhere):
+        // over it by RSS, the worker is past its soft limit at any age.
+        if over_hard {
+            return match self.soft_limit {
+                Some(_) => Verdict::Recycle(RetireReason::SoftLimit),
+                None => Verdict::Keep,
+            };
         }
         if let (Some(hard), Some(growth)) = (self.hard_limit, facts.growth_per_sec) {
             if reaches_within(memory, growth, hard, self.leak_horizon) {
@@ -272,6 +284,7 @@ mod tests {
             memory_bytes: Some(memory),
             stale: false,
             growth_per_sec: None,
+            in_own_cgroup: false,
         }
     }
 
@@ -354,6 +367,30 @@ mod tests {
             policy().judge(&stale_and_huge),
             Verdict::Kill(KillReason::HardLimit)
         );
+    }
+
+    #[test]
+    fn in_its_own_cgroup_a_worker_over_the_hard_limit_by_rss_is_recycled_not_killed() {
+        let young_in_cgroup = WorkerFacts {
+            age: Duration::from_secs(1),
+            in_own_cgroup: true,
+            ..facts(450 * MIB)
+        };
+        assert_eq!(
+            policy().judge(&young_in_cgroup),
+            Verdict::Recycle(RetireReason::SoftLimit),
+            "the kernel enforces the exact limit; RSS over it is over the soft limit"
+        );
+        let stale = WorkerFacts {
+            stale: true,
+            ..young_in_cgroup
+        };
+        assert_eq!(policy().judge(&stale), Verdict::Recycle(RetireReason::Roll));
+        let no_soft = RecyclePolicy {
+            soft_limit: None,
+            ..policy()
+        };
+        assert_eq!(no_soft.judge(&young_in_cgroup), Verdict::Keep);
     }
 
     #[test]

@@ -250,6 +250,7 @@ impl Pool {
             requests_served: worker.requests_served,
             memory_bytes,
             growth_per_sec: worker.history.growth_over(span),
+            in_own_cgroup: worker.leaf.is_some(),
             stale: self
                 .roll
                 .as_ref()
@@ -257,25 +258,9 @@ impl Pool {
         };
         let serving = worker.is_serving();
         let spare = worker.is_ready_spare();
-        let has_leaf = worker.leaf.is_some();
         let being_replaced = self.recycles.iter().any(|r| r.old == worker_id);
         match self.policy.judge(&facts) {
             Verdict::Keep => {}
-            // A worker in its own cgroup has the kernel enforce the hard
-            // limit with exact accounting (RSS also counts shared file pages
-            // charged elsewhere); procfs polling is the fallback. Over the
-            // hard limit by RSS it is still over the soft limit, or due for
-            // a roll: recycled, so that it escapes neither.
-            Verdict::Kill(KillReason::HardLimit) if has_leaf => {
-                let reason = if facts.stale {
-                    Some(RetireReason::Roll)
-                } else {
-                    self.policy.soft_limit.map(|_| RetireReason::SoftLimit)
-                };
-                if let Some(reason) = reason.filter(|_| serving && !being_replaced) {
-                    self.start_recycle(worker_id, reason, now);
-                }
-            }
             Verdict::Kill(reason) => {
                 warn!(worker_id, memory_bytes = ?facts.memory_bytes, hard_limit = ?self.policy.hard_limit, "worker over its hard memory limit");
                 self.kill(worker_id, reason, now);
