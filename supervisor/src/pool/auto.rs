@@ -52,7 +52,8 @@ impl Pool {
     /// Resolves the configuration's limits and spare count (with a
     /// baseline, or waiting for one), and applies them.
     pub(super) fn resolve_limits(&mut self, baseline: Option<u64>) {
-        let budget = MemoryBudget::read();
+        // Only a baseline makes the budget count.
+        let budget = baseline.and_then(|_| MemoryBudget::read());
         let derived = limits::derive(&self.config, baseline, budget.as_ref());
         let mib = |bytes: Option<u64>| bytes.map(|b| b >> 20);
         if derived.pending {

@@ -319,7 +319,8 @@ impl Pool {
         io_events: mpsc::UnboundedSender<(u64, IoEvent)>,
         now: Instant,
     ) -> Pool {
-        let limits = limits::derive(&config, None, MemoryBudget::read().as_ref());
+        // No worker yet, so no baseline: the budget plays no part.
+        let limits = limits::derive(&config, None, None);
         info!(origin = %limits.origin, "memory limits");
         Pool {
             workers: BTreeMap::new(),
